@@ -1,0 +1,29 @@
+# vipoly: `make setup` (venv + deps), `make test` (whole suite), `make demo` (the main job).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONSTRAINTS ?= constraints-cpu.txt
+
+.PHONY: setup test test-all demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	bash scripts/install_fonts.sh
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ''
+
+demo: setup
+	$(BIN)/python -m pipelines.demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

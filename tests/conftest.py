@@ -1,0 +1,58 @@
+"""Session-wide fixtures: one tiny model, one Ray instance, the shared real eval data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_DATA = Path(os.environ.get("VIPOLY_EVAL_DATA", REPO.parent / "shared" / "data" / "eval"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train V2 polls workers every 2 s by default; tests report often and would mostly wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def eval_data() -> Path:
+    """../shared/data/eval, or a skip that says where it was looked for."""
+    if not EVAL_DATA.is_dir():
+        pytest.skip(f"real eval data not found at {EVAL_DATA} (set VIPOLY_EVAL_DATA)")
+    return EVAL_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL-architecture PolyEmbedder, built once per session."""
+    from vipoly.model.tiny import build_tiny
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    build_tiny(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from vipoly.model import PolyEmbedder
+
+    return PolyEmbedder.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole session, with more logical CPUs than cores so that
+    fractional Train workers and Ray Data stages can run side by side on 2 cores."""
+    import ray
+
+    tmp = Path("/tmp") / f"vipoly-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False,
+             configure_logging=False, runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,334 @@
+"""One typed config tree for the whole project.
+
+Every number of SPEC.md is a default here and nowhere else. A config is built from the defaults,
+then a YAML file, then `--set a.b=c` overrides (values parsed as YAML, so `--set stw.alpha.instr=1.2`
+and `--set data.mix="{ocr: 1, instr: 2}"` both work). Unknown keys and bad values fail with a
+message naming the key; nothing is silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vipoly.tasks import TASKS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+def _per_task(values: dict[str, float], what: str) -> dict[str, float]:
+    unknown = set(values) - set(TASKS)
+    if unknown:
+        raise ValueError(f"{what}: unknown task(s) {sorted(unknown)}; expected {list(TASKS)}")
+    return values
+
+
+# ---------------------------------------------------------------- model
+class PoolingKind(str, enum.Enum):
+    ATTENTION = "attention"  # SPEC §1: learnable context vector v_a
+    MEAN = "mean"
+    LAST = "last"
+    MULTIHEAD = "multihead"
+
+
+class PoolingConfig(Strict):
+    kind: PoolingKind = PoolingKind.ATTENTION
+    """Pooling over the last hidden states; `attention` is the method, the others are ablations."""
+    init_std: float = Field(0.02, gt=0)
+    """Std of the N(0, σ²) initialisation of the context vector(s) v_a."""
+    num_heads: int = Field(4, ge=1)
+    """Heads of `multihead` pooling (one learnable query per head, outputs concatenated)."""
+
+
+class ProjectionConfig(Strict):
+    out_dim: int = Field(1024, ge=1)
+    """Embedding size after p = LN(W2·GELU(LN(W1 c)))."""
+    hidden_dim: int | None = None
+    """Width of W1's output; None = the backbone hidden size D."""
+    matryoshka_dims: list[int] = [1024, 512, 256, 128]
+    """Prefix sizes that stay useful after truncation (trained with the same loss when enabled)."""
+    matryoshka: bool = False
+    """Add the loss of each truncated prefix (Matryoshka representation learning)."""
+
+
+class ModelConfig(Strict):
+    backbone: str = "Qwen/Qwen2-VL-2B-Instruct"
+    """Hub id or local folder of a Qwen2-VL checkpoint (or a PolyEmbedder directory)."""
+    pooling: PoolingConfig = PoolingConfig()
+    projection: ProjectionConfig = ProjectionConfig()
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """`auto`: FlashAttention-2 where installed and on GPU, SDPA otherwise."""
+    gradient_checkpointing: bool = False
+    max_length: int = Field(8192, ge=8)
+    """Longest tokenised input (prefix + text + image tokens); longer ones are truncated."""
+    image_max_pixels: int = Field(448 * 448, ge=28 * 28)
+    """Images are resized so that h·w stays under this (Qwen2-VL dynamic resolution)."""
+    image_min_pixels: int = Field(28 * 28, ge=4)
+
+
+# ---------------------------------------------------------------- loss
+class TripletNegatives(str, enum.Enum):
+    HARDEST = "hardest"
+    MEAN = "mean"
+
+
+class LossKind(str, enum.Enum):
+    DLE = "dle"  # per-task mixes (SPEC §2)
+    INFONCE = "infonce"  # ablation: one InfoNCE for every task
+
+
+class LossConfig(Strict):
+    kind: LossKind = LossKind.DLE
+    temperature: float = Field(0.07, gt=0)
+    """InfoNCE temperature T (the reference run used 0.2; the sweep covers both)."""
+    lambda_score: float = Field(20.0, ge=0)
+    lambda_rank: float = Field(7.0, ge=0)
+    rank_margin: float = Field(0.05, ge=0)
+    lambda_triplet: dict[str, float] = {"ocr": 1.0, "vqa_single": 1.0, "vqa_multi": 1.5}
+    """λ_trip per triplet task."""
+    triplet_margin: dict[str, float] = {"ocr": 0.2, "vqa_single": 0.2, "vqa_multi": 0.3}
+    """Margin m per triplet task."""
+    triplet_negatives: TripletNegatives = TripletNegatives.HARDEST
+    gather_negatives: bool = True
+    """Use the whole global batch (all workers, with gradients) as InfoNCE/triplet negatives."""
+
+    @field_validator("lambda_triplet", "triplet_margin")
+    @classmethod
+    def _known(cls, v: dict[str, float], info) -> dict[str, float]:
+        return _per_task(v, f"loss.{info.field_name}")
+
+
+# ---------------------------------------------------------------- STW
+class STWMode(str, enum.Enum):
+    NONE = "none"  # all λ_t = 1
+    STATIC = "static"  # SPEC's per-epoch table
+    DYNAMIC = "dynamic"  # λ_t = (ℓ̄/ℓ_t)·α_t·β(epoch)
+
+
+class STWConfig(Strict):
+    mode: STWMode = STWMode.DYNAMIC
+    alpha: dict[str, float] = {"text_pair": 0.27, "instr": 1.25, "ocr": 1.0, "vqa_single": 1.0, "vqa_multi": 1.0}
+    """α_t, reference values (ranges: text_pair 0.25–0.35, instr 1.1–1.3, others 0.9–1.2)."""
+    beta_foundation: float = Field(1.05, gt=0)
+    """β for epoch 0 (range 1.0–1.2)."""
+    beta_balance: float = Field(0.95, gt=0)
+    """β for epochs ≥ 1 (range 0.8–1.0)."""
+    static_epoch0: dict[str, float] = {"text_pair": 0.25, "instr": 1.2, "ocr": 1.0, "vqa_single": 1.0, "vqa_multi": 0.8}
+    static_later: dict[str, float] = {"text_pair": 0.22, "instr": 1.3, "ocr": 1.2, "vqa_single": 1.0, "vqa_multi": 0.8}
+    update_every: int = Field(10, ge=1)
+    """K: optimizer steps between dynamic updates (the reference tested down to K = 5)."""
+    min_tasks: int = Field(2, ge=1, le=len(TASKS))
+    """Fewer tasks seen in a window than this → keep the current weights (static before any update)."""
+    clamp: tuple[float, float] | None = None
+    """Optional (low, high) bound on each dynamic λ_t; off by default as in the SPEC."""
+
+    @field_validator("alpha", "static_epoch0", "static_later")
+    @classmethod
+    def _complete(cls, v: dict[str, float], info) -> dict[str, float]:
+        _per_task(v, f"stw.{info.field_name}")
+        missing = set(TASKS) - set(v)
+        if missing:
+            raise ValueError(f"stw.{info.field_name}: missing task(s) {sorted(missing)}")
+        return v
+
+
+# ---------------------------------------------------------------- data
+class DataConfig(Strict):
+    root: str | None = None
+    """Prepared data directory (`OUT/<task>/part-*.parquet` from `pipelines.prepare`)."""
+    sources: dict[str, str] = {}
+    """Extra named sources: {name: path to canonical Parquet (file, folder or glob)}."""
+    mix: dict[str, float] = {"text_pair": 0.45, "instr": 0.05, "ocr": 0.2, "vqa_single": 0.15, "vqa_multi": 0.15}
+    """{source or task: weight}; weights are normalised. Default ≈ the reference corpus' shares."""
+    mix_window: int = Field(64, ge=1)
+    """The exact-ratio window: every `mix_window` consecutive samples honour the weights (±1)."""
+    shuffle_buffer: int = Field(256, ge=0)
+    """Per-source shuffle buffer (rows) before mixing; 0 = file order."""
+    max_text_chars: int = Field(20000, ge=1)
+    """Texts longer than this are truncated or rejected by `prepare` (see `overlong`)."""
+    overlong: Literal["truncate", "reject"] = "truncate"
+
+    @field_validator("mix")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("data.mix is empty")
+        bad = {k: w for k, w in v.items() if not w >= 0}
+        if bad or sum(v.values()) <= 0:
+            raise ValueError(f"data.mix weights must be ≥ 0 and not all 0, got {v}")
+        return v
+
+
+# ---------------------------------------------------------------- train
+class Strategy(str, enum.Enum):
+    DDP = "ddp"
+    ZERO2 = "deepspeed_zero2"
+    ZERO3 = "deepspeed_zero3"
+
+
+class TrainConfig(Strict):
+    seed: int = 0
+    max_steps: int = Field(-1, ge=-1)
+    """Optimizer steps to run; -1 = `epochs` over the data."""
+    epochs: int = Field(3, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    """Optimizer steps that make an epoch (β and static weights change per epoch); None = from data size."""
+    batch_size: int = Field(12, ge=1)
+    """Per-device micro-batch (pairs)."""
+    grad_accum: int = Field(10, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    vision_lr: float = Field(2e-6, ge=0)
+    head_lr: float | None = None
+    """LR of pooling + projection; None = `lr`."""
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    clip_grad_norm: float = Field(1.0, gt=0)
+    bf16: bool = True
+    """bf16 autocast where a GPU is used (ignored on CPU)."""
+    strategy: Strategy = Strategy.DDP
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    phases: tuple[int, int] = (2000, 10000)
+    """Step boundaries exploration → stabilization → optimization."""
+    dynamic_from_phase: Literal["exploration", "stabilization", "optimization"] = "exploration"
+    """First phase in which dynamic STW updates apply (static weights before)."""
+    strategic_checkpoints: list[int] = [1000, 2000, 5000, 10000]
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    """Periodic checkpoints kept (strategic ones are always kept)."""
+    log_every: int = Field(10, ge=1)
+    max_bad_steps: int = Field(10, ge=1)
+    """Consecutive NaN/inf losses that stop the run."""
+    max_failures: int = Field(3, ge=0)
+    """Worker failures Ray Train recovers from (restart from the last checkpoint)."""
+
+    @model_validator(mode="after")
+    def _phases(self):
+        if not 0 <= self.phases[0] <= self.phases[1]:
+            raise ValueError(f"train.phases must be increasing, got {self.phases}")
+        return self
+
+
+class RunConfig(Strict):
+    dir: str = "runs/default"
+    """Where a run writes config.yaml, metrics.jsonl, checkpoints, model/ and report.md."""
+    name: str | None = None
+    """Run name (Ray Train / wandb); None = the directory's name."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    ray_address: str | None = None
+    """None = the cluster from RAY_ADDRESS or `ray job submit`, else an embedded local Ray."""
+
+
+class Config(Strict):
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    stw: STWConfig = STWConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+# ---------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def _set_path(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    schema: Any = Config
+    for i, part in enumerate(parts):
+        # Walk the pydantic schema beside the dict so an unknown key fails here, by name.
+        if schema is not None and isinstance(schema, type) and issubclass(schema, BaseModel):
+            if part not in schema.model_fields:
+                known = ", ".join(schema.model_fields)
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (known here: {known})")
+            ann = schema.model_fields[part].annotation
+            schema = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Defaults ← `base` dict ← YAML file ← `key=value` overrides, validated as one tree."""
+    tree: dict[str, Any] = {}
+    if base:
+        for k, v in _flatten(base):
+            _set_path(tree, k, v)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        for k, v in _flatten(loaded):
+            _set_path(tree, k, v)
+    for item in overrides or []:
+        _set_path(tree, *parse_override(item))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        raise ConfigError("invalid config" + (f" {path}" if path else "") + ":\n" + "\n".join(lines)) from None
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Leaf (dotted key, value) pairs; dict-valued fields of the schema (mix, alpha) stay whole."""
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and _is_section(key):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _is_section(dotted: str) -> bool:
+    schema: Any = Config
+    for part in dotted.split("."):
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)) or part not in schema.model_fields:
+            return False
+        schema = schema.model_fields[part].annotation
+    return isinstance(schema, type) and issubclass(schema, BaseModel)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="YAML config file (defaults + this + --set overrides)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set train.max_steps=100 (repeatable)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
