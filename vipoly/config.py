@@ -56,6 +56,13 @@ class ProjectionConfig(Strict):
     matryoshka: bool = False
     """Add the loss of each truncated prefix (Matryoshka representation learning)."""
 
+    @model_validator(mode="after")
+    def _dims_fit(self):
+        bad = [d for d in self.matryoshka_dims if not 1 <= d <= self.out_dim]
+        if bad:
+            raise ValueError(f"model.projection.matryoshka_dims {bad} must lie in 1..out_dim={self.out_dim}")
+        return self
+
 
 class ModelConfig(Strict):
     backbone: str = "Qwen/Qwen2-VL-2B-Instruct"
@@ -64,12 +71,24 @@ class ModelConfig(Strict):
     projection: ProjectionConfig = ProjectionConfig()
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """`auto`: FlashAttention-2 where installed and on GPU, SDPA otherwise."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Backbone weight dtype: float32 for training under bf16 autocast, bfloat16 to serve on a GPU.
+    Pooling and projection always compute in float32."""
+    task_tokens: bool = True
+    """Add the five task prefixes to the vocabulary as single tokens (new rows start at the mean embedding)."""
     gradient_checkpointing: bool = False
     max_length: int = Field(8192, ge=8)
     """Longest tokenised input (prefix + text + image tokens); longer ones are truncated."""
     image_max_pixels: int = Field(448 * 448, ge=28 * 28)
     """Images are resized so that h·w stays under this (Qwen2-VL dynamic resolution)."""
     image_min_pixels: int = Field(28 * 28, ge=4)
+
+    @model_validator(mode="after")
+    def _pixels(self):
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError(f"model.image_min_pixels ({self.image_min_pixels}) exceeds "
+                             f"model.image_max_pixels ({self.image_max_pixels})")
+        return self
 
 
 # ---------------------------------------------------------------- loss

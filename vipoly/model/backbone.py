@@ -1,0 +1,122 @@
+"""Loading the Qwen2-VL backbone and its processor, from a hub id or a local folder.
+
+Design choices:
+- The backbone is the bare `Qwen2VLModel` (vision tower + language model, no LM head): an embedder
+  needs hidden states, not logits. `Qwen2VLModel.from_pretrained` also reads checkpoints saved from
+  `Qwen2VLForConditionalGeneration` (the hub's Qwen2-VL-2B-Instruct) and drops the LM head.
+- The image processor is the PIL one: torchvision is not usable on every machine this runs on
+  (ENV-NOTES), and one code path everywhere means the same pixels everywhere.
+- `Qwen2VLProcessor` insists on a video processor (which needs torchvision); `ImageTextProcessor`
+  is the same processor without one. It is built from its parts, never through `AutoProcessor`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen2VLModel, Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging as hf_logging
+
+try:  # transformers ≥ 5.2x names the PIL backend explicitly
+    from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+except ImportError:  # older releases: the default Qwen2VLImageProcessor is the PIL/numpy one
+    from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ImageTextProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` for images and text only: no video processor, so no torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        # Skip Qwen2VLProcessor.__init__ (it passes a video processor along); the mixin checks the
+        # classes of the two parts this signature names.
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """`auto` → FlashAttention-2 where the package is importable and a CUDA device exists, else SDPA."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """Hide transformers' per-shard progress bars (one per Ray actor is noise), then restore them."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_processor(source: str | Path) -> ImageTextProcessor:
+    """Tokenizer + PIL image processor of a Qwen2-VL checkpoint (hub id or folder)."""
+    source = str(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = ImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as e:  # transformers raises either for a missing or foreign folder
+        raise ValueError(f"model.backbone {source!r}: no Qwen2-VL tokenizer/preprocessor found there "
+                         f"({str(e).splitlines()[0]})") from e
+    return ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def save_processor(processor: ImageTextProcessor, out_dir: str | Path) -> None:
+    """Write tokenizer and preprocessor files so that `load_processor(out_dir)` gives them back."""
+    processor.tokenizer.save_pretrained(str(out_dir))
+    processor.image_processor.save_pretrained(str(out_dir))
+
+
+def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: str = "float32") -> Qwen2VLModel:
+    """The bare Qwen2-VL model (vision tower + language model) in `dtype` with the resolved attention."""
+    attn = resolve_attn_implementation(attn_implementation)
+    try:
+        with quiet_progress():
+            model = Qwen2VLModel.from_pretrained(str(source), attn_implementation=attn, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.backbone {str(source)!r}: cannot load a Qwen2-VL model "
+                         f"({str(e).splitlines()[0]})") from e
+    log.info("backbone %s: %s, attention=%s, dtype=%s", source, type(model).__name__, attn, dtype)
+    return model
+
+
+def add_task_tokens(backbone: Qwen2VLModel, processor: ImageTextProcessor, prefixes: list[str]) -> list[int]:
+    """Add task prefixes as single tokens; a new embedding row starts at μ + ε, ε ~ N(0, (σ/10)²),
+    with μ, σ the mean and per-coordinate std of the existing rows.
+
+    The mean keeps a new token's first hidden states in the distribution the pretrained layers saw
+    (a random row would be an outlier the first steps must undo); the small noise keeps the five
+    prefixes distinct from the start. Qwen2-VL's embedding matrix has spare rows beyond the
+    tokenizer, so usually nothing is resized. Returns the ids of added tokens.
+    """
+    tokenizer = processor.tokenizer
+    before = len(tokenizer)
+    tokenizer.add_tokens(prefixes, special_tokens=True)
+    new_ids = [i for i in tokenizer.convert_tokens_to_ids(prefixes) if i >= before]
+    if not new_ids:
+        return []
+    embed = backbone.get_input_embeddings()
+    if len(tokenizer) > embed.weight.shape[0]:
+        backbone.resize_token_embeddings(len(tokenizer))
+        embed = backbone.get_input_embeddings()
+    with torch.no_grad():
+        old = embed.weight[:before].float()
+        noise = torch.randn(len(new_ids), old.shape[1]) * old.std(0) / 10
+        embed.weight[new_ids] = (old.mean(0) + noise.to(old.device)).to(embed.weight.dtype)
+    return new_ids

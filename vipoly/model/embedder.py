@@ -1,0 +1,319 @@
+"""PolyEmbedder: Qwen2-VL backbone → pooling → projection → L2, one vector for text, image or both.
+
+    H = Qwen2VL(x) ∈ R^{N×D},  c = pool(H, M),  p = LN(W₂·GELU(LN(W₁ c))),  e = p / ‖p‖₂
+
+A saved PolyEmbedder is a self-contained folder:
+
+    vipoly.json             name, format, the ModelConfig, hidden size and embedding size
+    config.json             the Qwen2-VL backbone config
+    model.safetensors       backbone weights (sharded `model-*.safetensors` for large models)
+    heads.safetensors       pooling + projection weights, float32
+    tokenizer*.json, preprocessor_config.json
+
+No pickles anywhere. The backbone half is an ordinary Qwen2-VL folder, so `Qwen2VLModel
+.from_pretrained(dir)` also reads it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Qwen2VLModel
+
+from vipoly.config import ModelConfig
+from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
+from vipoly.model.inputs import META_FILE, InputBuilder, decode_image
+from vipoly.model.pooling import build_pooling
+from vipoly.model.projection import ProjectionHead, matryoshka
+from vipoly.tasks import TASKS, check_task, prefix
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+HEADS_FILE = "heads.safetensors"
+COMPONENTS = ("vision", "language", "pooling", "projection")
+
+
+@dataclass
+class EmbedOutput:
+    embedding: torch.Tensor
+    """(B, out_dim) float32, L2-normalised."""
+    pooled: torch.Tensor
+    """(B, D) float32, the pooled hidden state c before projection."""
+    pooling_weights: torch.Tensor
+    """(B, N) weight of each token in c ((B, H, N) for multi-head pooling); 0 on padding."""
+    attention_mask: torch.Tensor
+    """(B, N) the mask the pooling used."""
+
+
+def component_of(param_name: str) -> str:
+    """'vision' | 'language' | 'pooling' | 'projection' for a parameter name of a PolyEmbedder
+    (also under DDP's `module.` or torch.compile's `_orig_mod.` prefixes). Used for the
+    differential learning rates and the per-component gradient norms (SPEC §4)."""
+    name = param_name
+    for wrapper in ("module.", "_orig_mod."):
+        while name.startswith(wrapper):
+            name = name[len(wrapper):]
+    if name.startswith("pooling."):
+        return "pooling"
+    if name.startswith("projection."):
+        return "projection"
+    if name.startswith("backbone.visual.") or name.startswith("backbone.model.visual."):
+        return "vision"
+    if name.startswith("backbone."):
+        return "language"
+    raise ValueError(f"parameter {param_name!r} belongs to no PolyEmbedder component")
+
+
+def is_polyembedder_dir(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+class PolyEmbedder(nn.Module):
+    def __init__(self, backbone: Qwen2VLModel, processor, cfg: ModelConfig, name: str = "vipoly"):
+        super().__init__()
+        _check_processor_matches(processor, backbone)
+        self.backbone = backbone
+        self.processor = processor
+        self.cfg = cfg
+        self.name = name
+        self.pooling = build_pooling(cfg.pooling, self.hidden_size)
+        self.projection = ProjectionHead(self.hidden_size, cfg.projection)
+        self.inputs = InputBuilder(processor, cfg)
+
+    # ------------------------------------------------------------ sizes and parts
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.text_config.hidden_size
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.cfg.projection.out_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{component: [(name, parameter)]} for vision, language, pooling, projection."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {c: [] for c in COMPONENTS}
+        for name, param in self.named_parameters():
+            groups[component_of(name)].append((name, param))
+        return groups
+
+    def enable_gradient_checkpointing(self) -> None:
+        # Non-reentrant checkpointing needs no input that requires grad and works under DDP.
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers ≥ 5.2x name
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mm_token_type_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None) -> EmbedOutput:
+        """A batch from `InputBuilder.pad` → normalised embeddings. Pooling and projection run in
+        float32 with autocast off, whatever the backbone's dtype."""
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.inputs.image_pad_id).int()
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                               pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                               use_cache=False).last_hidden_state
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            pooled, weights = self.pooling(hidden.float(), attention_mask)
+            embedding = F.normalize(self.projection(pooled), dim=-1)
+        return EmbedOutput(embedding, pooled, weights, attention_mask)
+
+    # ------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(self, texts: str | Sequence[str | None] | None = None, images: Any = None, task: str | None = None,
+               batch_size: int = 32, dim: int | None = None, show_progress: bool = False) -> np.ndarray:
+        """Embed texts, images, or (text, image) pairs → float32 (n, dim), rows L2-normalised.
+
+        images: PIL images, PNG/JPEG bytes or file paths (one per row; a list per row for several).
+        task: one of TASKS, prepended as its prefix; None for no prefix.
+        dim: Matryoshka truncation e[:dim] / ‖e[:dim]‖ (None = the full size).
+        Inputs are batched by length (less padding); each vector is the one the input gets alone.
+        """
+        rows = _rows(texts, images)
+        check_task(task)
+        if dim is not None and not 1 <= dim <= self.embedding_dim:
+            raise ValueError(f"dim={dim} must lie in 1..{self.embedding_dim} (the embedding size)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        out = np.empty((len(rows), dim or self.embedding_dim), dtype=np.float32)
+        # Rows are prepared and sorted a window at a time, so the decoded pixels held in memory stay
+        # bounded however many images are passed.
+        window = batch_size * 16
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=len(rows), desc=f"encode {self.name}", unit="input")
+        was_training = self.training
+        self.eval()
+        try:
+            for first in range(0, len(rows), window):
+                encoded = [self._prepare(i, *rows[i], task) for i in range(first, min(len(rows), first + window))]
+                order = np.argsort([-len(r["input_ids"]) for r in encoded], kind="stable")
+                for start in range(0, len(encoded), batch_size):
+                    idx = order[start:start + batch_size]
+                    batch = {k: v.to(self.device) for k, v in self.inputs.pad([encoded[i] for i in idx]).items()}
+                    with self._inference_autocast():
+                        emb = self(**batch).embedding
+                    out[first + idx] = matryoshka(emb, dim).float().cpu().numpy()
+                    if progress is not None:
+                        progress.update(len(idx))
+        finally:
+            self.train(was_training)
+            if progress is not None:
+                progress.close()
+        return out
+
+    def _prepare(self, i: int, text: str | None, image: Any, task: str | None) -> dict[str, np.ndarray]:
+        try:  # decode here, so that the message can say which image is bad
+            image = [decode_image(x) for x in image] if isinstance(image, (list, tuple)) else (
+                None if image is None else decode_image(image))
+        except ValueError as e:
+            raise ValueError(f"images[{i}]: {e}") from None
+        try:
+            return self.inputs.encode_one(text, image, task)
+        except ValueError as e:
+            raise ValueError(f"row {i}: {e}") from None
+
+    def _inference_autocast(self):
+        # fp32 weights on a GPU: run the backbone in bf16 (FlashAttention-2 needs half precision).
+        on_gpu = self.device.type == "cuda"
+        fp32 = next(self.backbone.parameters()).dtype == torch.float32
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and fp32)
+
+    # ------------------------------------------------------------ build / save / load
+    @classmethod
+    def build(cls, model_cfg: ModelConfig) -> "PolyEmbedder":
+        """A PolyEmbedder dir in `model_cfg.backbone` → `from_pretrained` (with `model_cfg`'s explicitly
+        set fields applied); else a Qwen2-VL checkpoint (hub id or folder) with fresh heads."""
+        if is_polyembedder_dir(model_cfg.backbone):
+            return cls.from_pretrained(model_cfg.backbone, model_cfg)
+        processor = load_processor(model_cfg.backbone)
+        backbone = load_backbone(model_cfg.backbone, model_cfg.attn_implementation, model_cfg.dtype)
+        if model_cfg.task_tokens:
+            add_task_tokens(backbone, processor, [prefix(t).strip() for t in TASKS])
+        model = cls(backbone, processor, model_cfg, name="vipoly-" + Path(model_cfg.backbone.rstrip("/")).name)
+        if model_cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, model_cfg: ModelConfig | None = None,
+                        device: str | torch.device | None = None) -> "PolyEmbedder":
+        """Load a saved PolyEmbedder. Fields set explicitly in `model_cfg` (pydantic's
+        `model_fields_set`, e.g. from YAML or `--set`) override the saved config; a changed pooling or
+        projection config gets fresh heads of the new kind (the pooling ablations start this way)."""
+        model_dir = Path(model_dir)
+        if not is_polyembedder_dir(model_dir):
+            raise ValueError(f"{model_dir} is not a PolyEmbedder directory (no {META_FILE})")
+        meta = json.loads((model_dir / META_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{model_dir / META_FILE}: format {meta.get('format')!r}, this code reads {FORMAT}")
+        saved = ModelConfig.model_validate(meta["model"])
+        cfg = _apply_explicit(saved, model_cfg) if model_cfg is not None else saved
+        backbone = load_backbone(model_dir, cfg.attn_implementation, cfg.dtype)
+        model = cls(backbone, load_processor(model_dir), cfg, name=meta.get("name", model_dir.name))
+        heads = load_file(str(model_dir / HEADS_FILE))
+        for part in ("pooling", "projection"):
+            if getattr(cfg, part) != getattr(saved, part):
+                log.info("%s: config differs from the saved one, starting fresh %s weights", part, part)
+                continue
+            state = {k[len(part) + 1:]: v for k, v in heads.items() if k.startswith(part + ".")}
+            getattr(model, part).load_state_dict(state)
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the self-contained folder described in the module docstring; returns it."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with quiet_progress():
+            self.backbone.save_pretrained(str(out))
+        heads = {f"{part}.{k}": v.detach().float().cpu().contiguous()
+                 for part in ("pooling", "projection") for k, v in getattr(self, part).state_dict().items()}
+        save_file(heads, str(out / HEADS_FILE))
+        save_processor(self.processor, out)
+        meta = {"format": FORMAT, "name": self.name, "model": self.cfg.model_dump(mode="json"),
+                "hidden_size": self.hidden_size, "embedding_dim": self.embedding_dim}
+        (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        return out
+
+
+# ---------------------------------------------------------------- helpers
+def _check_processor_matches(processor, backbone: Qwen2VLModel) -> None:
+    """The image processor must cut patches the vision tower expects (a tiny config's classic slip)."""
+    ip, vc = processor.image_processor, backbone.config.vision_config
+    pairs = {"patch_size": (ip.patch_size, vc.patch_size), "merge_size": (ip.merge_size, vc.spatial_merge_size),
+             "temporal_patch_size": (ip.temporal_patch_size, vc.temporal_patch_size)}
+    bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
+    if bad:
+        raise ValueError(f"image processor and vision config disagree (processor, model): {bad}")
+    if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"tokenizer has {len(processor.tokenizer)} tokens, the backbone embeds only "
+                         f"{backbone.get_input_embeddings().weight.shape[0]}")
+
+
+def _explicit(cfg: BaseModel) -> dict[str, Any]:
+    """The fields of a pydantic model that were set explicitly, nested sections recursively."""
+    out: dict[str, Any] = {}
+    for name in cfg.model_fields_set:
+        value = getattr(cfg, name)
+        out[name] = _explicit(value) if isinstance(value, BaseModel) else value
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return merged
+
+
+def _apply_explicit(saved: ModelConfig, given: ModelConfig) -> ModelConfig:
+    update = _explicit(given)
+    update.pop("backbone", None)  # the saved provenance stays; the weights come from the folder
+    return ModelConfig.model_validate(_merge(saved.model_dump(), update))
+
+
+def _one_image(x: Any) -> bool:
+    """Is `x` a single image (rather than a sequence of them)?"""
+    return isinstance(x, (Image.Image, bytes, bytearray, memoryview, str, PathLike, dict)) or (
+        isinstance(x, np.ndarray) and x.dtype != object and x.ndim <= 3)
+
+
+def _rows(texts: Any, images: Any) -> list[tuple[str | None, Any]]:
+    """Validate `encode`'s arguments into (text, image) rows; every message names the argument."""
+    if texts is not None:
+        texts = [texts] if isinstance(texts, str) or not hasattr(texts, "__iter__") else list(texts)
+    if images is not None:  # one image, or any sequence of them (list, tuple, object array, Series)
+        images = [images] if _one_image(images) or not hasattr(images, "__iter__") else list(images)
+    if not texts and not images:
+        raise ValueError("nothing to encode: pass texts, images, or both (as pairs)")
+    if texts is not None and images is not None and len(texts) != len(images):
+        raise ValueError(f"texts ({len(texts)}) and images ({len(images)}) have different lengths; "
+                         f"pass one image per text (None where there is none)")
+    n = len(texts or images)
+    texts = texts or [None] * n
+    images = images or [None] * n
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is not a string (got {type(t).__name__})")
+    return list(zip(texts, images))

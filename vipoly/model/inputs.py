@@ -1,0 +1,150 @@
+"""(text, image, task) → model inputs: the one place that does it, for `encode` and for the data pipeline.
+
+Layout of one input (M = number of merged image patches):
+
+    [task prefix] [<|vision_start|> <|image_pad|>×M <|vision_end|>]… [text tokens] <|endoftext|>
+
+- The prefix comes first so that every later token, image tokens included, is conditioned on the task.
+- The closing <|endoftext|> gives every input the same last token: last-token pooling then reads a
+  position that has attended to everything, as in the decoder-based embedders.
+- Truncation to `model.max_length` only ever cuts text: the number of <|image_pad|> tokens must
+  equal the vision tower's output, so image tokens are never cut.
+
+`encode_one` returns numpy arrays only (cheap to pickle between Ray Data stages; images travel as
+bytes and are decoded here); `pad` turns a list of them into one right-padded batch of tensors.
+Right padding keeps every real token at the position it has alone, so a vector does not depend on
+its batch.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vipoly.config import ModelConfig
+from vipoly.tasks import TASKS, check_task, prefix
+
+META_FILE = "vipoly.json"  # written by PolyEmbedder.save_pretrained
+
+
+def decode_image(x: Any) -> Image.Image:
+    """An RGB PIL image from PIL, PNG/JPEG bytes, a file path, an HxW(x3|4) uint8 array or an
+    HF-datasets `{"bytes", "path"}` dict; anything else raises a ValueError that says what it got."""
+    if isinstance(x, dict):  # the form `datasets.Image` stores
+        x = x.get("bytes") or x.get("path")
+    try:
+        if isinstance(x, Image.Image):
+            img = x
+        elif isinstance(x, (bytes, bytearray, memoryview)):
+            img = Image.open(io.BytesIO(bytes(x)))
+        elif isinstance(x, (str, os.PathLike)):
+            if not Path(x).is_file():
+                raise ValueError(f"not an image: no such file {str(x)!r}")
+            img = Image.open(x)
+        elif isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim in (2, 3):
+            img = Image.fromarray(x)
+        else:
+            raise ValueError(f"not an image: got {type(x).__name__}")
+        img.load()  # decode now, so a truncated file fails here and not deep inside the model
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"not an image: {e}") from None
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class InputBuilder:
+    """Tokenises text, runs the image processor, lays out one input, and pads batches.
+
+    Holds only the processor (tokenizer + image processor) and the ModelConfig, so it pickles to
+    Ray Data workers without the model weights; `InputBuilder.from_pretrained(dir)` loads just that.
+    """
+
+    def __init__(self, processor, model_cfg: ModelConfig):
+        self.processor = processor
+        self.cfg = model_cfg
+        tok = processor.tokenizer
+        names = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|endoftext|>"]
+        ids = tok.convert_tokens_to_ids(names)
+        missing = [n for n, i in zip(names, ids) if i is None or i == tok.unk_token_id and n != tok.unk_token]
+        if missing:
+            raise ValueError(f"tokenizer lacks the Qwen2-VL token(s) {missing}")
+        self.vision_start_id, self.image_pad_id, self.vision_end_id, self.eos_id = ids
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.merge = processor.image_processor.merge_size
+        # Prefixes are tokenised once; with `model.task_tokens` each is a single token.
+        self.prefix_ids = {t: self._tokenize(prefix(t).strip()) for t in TASKS}
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "InputBuilder":
+        """The builder of a saved PolyEmbedder, without loading its weights."""
+        from vipoly.model.backbone import load_processor
+
+        meta = json.loads((Path(model_dir) / META_FILE).read_text())
+        return cls(load_processor(model_dir), ModelConfig.model_validate(meta["model"]))
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_one(self, text: str | None = None, image: Any = None, task: str | None = None) -> dict[str, np.ndarray]:
+        """One input as numpy: `input_ids` (N,) int64, `mm_token_type_ids` (N,) int32 (1 on image
+        tokens), and with images `pixel_values` (P, C·T·p·p) float32 and `image_grid_thw` (k, 3) int64.
+        `image` may be one image or a list of them (multi-image samples)."""
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"text must be a string or None, got {type(text).__name__}")
+        check_task(task)
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        if text is None and not images:
+            raise ValueError("nothing to encode: the input has neither text nor image")
+        head = list(self.prefix_ids[task]) if task else []
+        pixels, grids = [], []
+        for img in images:
+            out = self.processor.image_processor(
+                images=[decode_image(img)], return_tensors="np",
+                size={"shortest_edge": self.cfg.image_min_pixels, "longest_edge": self.cfg.image_max_pixels})
+            grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(1, 3)
+            n_tokens = int(grid.prod()) // self.merge**2
+            head += [self.vision_start_id] + [self.image_pad_id] * n_tokens + [self.vision_end_id]
+            pixels.append(np.asarray(out["pixel_values"], dtype=np.float32))
+            grids.append(grid)
+        room = self.cfg.max_length - len(head) - 1
+        if room < 0:
+            raise ValueError(f"prefix and image tokens ({len(head)}) exceed model.max_length={self.cfg.max_length}; "
+                             f"lower model.image_max_pixels or raise model.max_length")
+        ids = np.asarray(head + (self._tokenize(text)[:room] if text else []) + [self.eos_id], dtype=np.int64)
+        row = {"input_ids": ids, "mm_token_type_ids": (ids == self.image_pad_id).astype(np.int32)}
+        if images:
+            row["pixel_values"] = np.concatenate(pixels)
+            row["image_grid_thw"] = np.concatenate(grids)
+        return row
+
+    def pad(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad rows from `encode_one` into one batch: input_ids, attention_mask and
+        mm_token_type_ids (B, N); pixel_values and image_grid_thw concatenated in row order (the
+        order in which the model matches image features to <|image_pad|> runs). Rows without an
+        image may lack the pixel keys or hold None / empty arrays there."""
+        if not rows:
+            raise ValueError("pad: no rows")
+        lengths = [len(r["input_ids"]) for r in rows]
+        n = max(lengths)
+        input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
+        mm = torch.zeros((len(rows), n), dtype=torch.int32)
+        pixels, grids = [], []
+        for i, (r, length) in enumerate(zip(rows, lengths)):
+            input_ids[i, :length] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
+            attention_mask[i, :length] = 1
+            mm[i, :length] = torch.as_tensor(np.asarray(r["mm_token_type_ids"], dtype=np.int32))
+            pv = r.get("pixel_values")
+            if pv is not None and np.size(pv):
+                pixels.append(np.asarray(pv, dtype=np.float32).reshape(-1, np.shape(pv)[-1]))
+                grids.append(np.asarray(r["image_grid_thw"], dtype=np.int64).reshape(-1, 3))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm}
+        if pixels:
+            batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels))
+            batch["image_grid_thw"] = torch.from_numpy(np.concatenate(grids))
+        return batch
