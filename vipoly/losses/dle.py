@@ -1,0 +1,302 @@
+"""Dynamic Loss Equilibrium (DLE): each task's loss mix, as one vectorised batch loss (SPEC §2).
+
+    L = (1/B) Σ_i λ_{t(i)} ℓ_i
+    text_pair        ℓ_i = NCE_i + λ_score (ŝ_i − s_i)² + λ_rank R
+    instr            ℓ_i = NCE_i + (1 − a_i·b_i)
+    ocr, vqa_*       ℓ_i = NCE_i + λ_trip,t max(0, m_t − a_i·b_i + max_{j≠i} a_i·b_j)
+
+with ŝ_i = (a_i·b_i + 1)/2 and R the margin-ranking mean over the batch's text_pair pairs
+(`terms.margin_rank_pos`). Which terms a task gets comes from its `Recipe` (vipoly.tasks); how much
+from `LossConfig`. `LossConfig.kind = infonce` is the ablation: ℓ_i = NCE_i for every task.
+
+Design choices:
+- Per-task masks, not per-task sub-batches: every term is computed for every row and multiplied by
+  a 0/1 (or λ) vector indexed by task id. There is no Python loop over samples or tasks; the only
+  data-dependent shape is the text_pair subset of the ranking term (O(n_tp²) instead of O(B²)).
+- One similarity matrix S = a·bᵀ serves InfoNCE (both directions, S and Sᵀ), the positives a_i·b_i
+  (its diagonal) and the triplet negatives.
+- Cross-worker negatives: the caller passes the gathered batch (`GlobalBatch`); this module never
+  calls torch.distributed. See `vipoly.losses.gather` for the gathering and for why the loss of a
+  worker is scaled by the world size.
+- Embeddings in fp16/bf16 are upcast to fp32: with T = 0.07 the logits reach ±14, where bf16 keeps
+  only about two decimal digits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vipoly.config import LossConfig, LossKind, TripletNegatives
+from vipoly.losses.terms import (cosine_pos, hardest_negatives, infonce_sim, margin_rank_pos, pair_similarity,
+                                 score_mse_pos, triplet_hinge, triplet_sim)
+from vipoly.tasks import TASK_SPECS, TASKS, Recipe
+
+TERMS: tuple[str, ...] = ("nce", "mse", "rank", "cos", "triplet")
+"""Raw (un-λ'd) loss terms reported in `DLEStats`, in this order."""
+
+
+# ---------------------------------------------------------------- stats
+@dataclass(frozen=True)
+class DLEStats:
+    """Detached per-batch statistics of `dle_loss`, kept as tensors (no host sync until read).
+
+    Every field is a sum or a count over this call's rows, so the stats of several micro-batches or
+    of several workers combine by addition (`to_tensor` → all-reduce SUM → `from_tensor`):
+      task_sum (5,)       Σ_{i∈t} ℓ_i, the raw (unweighted) per-sample loss, TASKS order
+      task_count (5,)     number of rows of each task
+      task_weighted (5,)  (1/B) Σ_{i∈t} λ_t ℓ_i, task t's contribution to L (B = global batch size)
+      term_sum (5,)       Σ of each raw term of `TERMS` over the rows that carry it
+      term_count (5,)     number of rows that carry each term
+    Tasks or terms absent from the batch have count 0: the dict views omit them, `task_mean` and
+    `term_mean` hold NaN for them.
+    """
+
+    task_sum: Tensor
+    task_count: Tensor
+    task_weighted: Tensor
+    term_sum: Tensor
+    term_count: Tensor
+
+    def to_tensor(self) -> Tensor:
+        """All fields stacked, shape (5, 5), e.g. for one all-reduce."""
+        return torch.stack([getattr(self, f.name) for f in dataclasses.fields(self)])
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> DLEStats:
+        return cls(*t.unbind(0))
+
+    @classmethod
+    def mean(cls, stats: list[DLEStats]) -> DLEStats:
+        """Field-wise mean (used to summarise the Matryoshka prefixes)."""
+        return cls.from_tensor(torch.stack([s.to_tensor() for s in stats]).mean(0))
+
+    @property
+    def task_mean(self) -> Tensor:
+        """Mean raw ℓ per task, (5,), NaN where the task is absent."""
+        return self.task_sum / self.task_count  # 0/0 = NaN marks absent tasks
+
+    @property
+    def term_mean(self) -> Tensor:
+        return self.term_sum / self.term_count
+
+    def task_losses(self) -> dict[str, float]:
+        """{task: mean raw ℓ} over the tasks present: what `TaskWeighter.update` consumes."""
+        mean, count = self.task_mean.tolist(), self.task_count.tolist()
+        return {t: m for t, m, n in zip(TASKS, mean, count) if n > 0}
+
+    def task_counts(self) -> dict[str, int]:
+        return {t: int(n) for t, n in zip(TASKS, self.task_count.tolist())}
+
+    def shares(self) -> dict[str, float]:
+        """{task: its share of the weighted loss}, tasks present only; the shares sum to 1."""
+        weighted, count = self.task_weighted.tolist(), self.task_count.tolist()
+        total = sum(weighted)
+        return {t: w / total if total else float("nan") for t, w, n in zip(TASKS, weighted, count) if n > 0}
+
+    def terms(self) -> dict[str, float]:
+        """{term: mean raw value} over the terms present in the batch."""
+        mean, count = self.term_mean.tolist(), self.term_count.tolist()
+        return {k: m for k, m, n in zip(TERMS, mean, count) if n > 0}
+
+    def log_dict(self) -> dict[str, float]:
+        """Flat metrics of the tasks/terms present: loss/<task>, share/<task>, count/<task>, term/<name>."""
+        out: dict[str, float] = {f"loss/{t}": v for t, v in self.task_losses().items()}
+        out |= {f"share/{t}": v for t, v in self.shares().items()}
+        out |= {f"count/{t}": float(n) for t, n in self.task_counts().items()}
+        out |= {f"term/{k}": v for k, v in self.terms().items()}
+        return out
+
+
+# ---------------------------------------------------------------- the global batch
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Every worker's batch concatenated in rank order (a, b gathered *with* gradients), and where
+    this worker's rows start in it. `dle_loss` scores its own rows against all of it."""
+
+    a: Tensor  # (N, D)
+    b: Tensor  # (N, D)
+    task_ids: Tensor  # (N,)
+    scores: Tensor  # (N,)
+    offset: int
+    world_size: int
+
+
+# ---------------------------------------------------------------- per-task recipe vectors
+@dataclass(frozen=True)
+class _RecipeTable:
+    """Per-task coefficient vectors (5,), indexed by task id to give per-sample coefficients."""
+
+    score: Tensor  # 1 for tasks with score MSE + margin ranking
+    cos: Tensor  # 1 for tasks with the cosine term
+    triplet: Tensor  # 1 for triplet tasks
+    lambda_triplet: Tensor
+    margin: Tensor
+
+
+def _recipe_table(cfg: LossConfig, device: torch.device, dtype: torch.dtype) -> _RecipeTable:
+    is_trip = [TASK_SPECS[t].recipe is Recipe.TRIPLET for t in TASKS]
+    for field in ("lambda_triplet", "triplet_margin"):
+        values: dict[str, float] = getattr(cfg, field)
+        missing = [t for t, trip in zip(TASKS, is_trip) if trip and t not in values]
+        extra = [t for t, trip in zip(TASKS, is_trip) if not trip and t in values]
+        if missing or extra:
+            raise ValueError(f"loss.{field} must name exactly the triplet tasks "
+                             f"{[t for t, trip in zip(TASKS, is_trip) if trip]}; "
+                             f"missing {missing}, not triplet tasks {extra}")
+
+    def vec(values):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return _RecipeTable(
+        score=vec([TASK_SPECS[t].recipe is Recipe.SCORE_RANK for t in TASKS]),
+        cos=vec([TASK_SPECS[t].recipe is Recipe.COSINE for t in TASKS]),
+        triplet=vec(is_trip),
+        lambda_triplet=vec([cfg.lambda_triplet.get(t, 0.0) for t in TASKS]),
+        margin=vec([cfg.triplet_margin.get(t, 0.0) for t in TASKS]),
+    )
+
+
+def _check_inputs(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor) -> None:
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must both be (B, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    n = len(a)
+    if n == 0:
+        raise ValueError("empty batch: a and b have no rows")
+    if task_ids.shape != (n,) or task_ids.is_floating_point() or task_ids.dtype == torch.bool:
+        raise ValueError(f"task_ids must be an integer tensor of shape ({n},), got {task_ids.dtype} "
+                         f"{tuple(task_ids.shape)}")
+    if ((task_ids < 0) | (task_ids >= len(TASKS))).any():
+        bad = sorted(set(task_ids[(task_ids < 0) | (task_ids >= len(TASKS))].tolist()))
+        raise ValueError(f"task_ids must index TASKS {TASKS} (0..{len(TASKS) - 1}), got {bad}")
+    if scores.shape != (n,):
+        raise ValueError(f"scores must have shape ({n},) (NaN where absent), got {tuple(scores.shape)}")
+    if task_weights.shape != (len(TASKS),):
+        raise ValueError(f"task_weights must have shape ({len(TASKS)},) in TASKS order {TASKS}, "
+                         f"got {tuple(task_weights.shape)}")
+
+
+def _as_float(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ---------------------------------------------------------------- the loss
+def dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor,
+             cfg: LossConfig | None = None, *, batch: GlobalBatch | None = None) -> tuple[Tensor, DLEStats]:
+    """The DLE batch loss L = (1/B) Σ_i λ_{t(i)} ℓ_i (module docstring), and its `DLEStats`.
+
+    a, b: (B, D) L2-normalised query / positive embeddings (not re-normalised here).
+    task_ids: (B,) integer, index into TASKS. scores: (B,) gold similarity in [0, 1], NaN where
+    absent (required for text_pair rows: NaN there raises ValueError). task_weights: (5,) λ_t in
+    TASKS order (`TaskWeighter.as_tensor`). cfg: LossConfig (defaults when None).
+    batch: the gathered global batch when negatives come from all workers; then a, b, task_ids,
+    scores are this worker's rows, B is the global size, W the world size, and the returned loss is
+        W · (1/B) Σ_{i local} λ_{t(i)} (ℓ_i − [text_pair] λ_rank R)
+          + (1/B) Σ_{j global, text_pair} λ_{t(j)} λ_rank R
+    whose mean over workers is L and whose DDP-averaged gradient is ∇L (see `gather.py`).
+    """
+    cfg = cfg or LossConfig()
+    a, b = _as_float(a), _as_float(b)
+    task_weights = torch.as_tensor(task_weights, dtype=a.dtype, device=a.device)
+    _check_inputs(a, b, task_ids, scores, task_weights)
+    rows = len(a)
+    if batch is None:
+        batch = GlobalBatch(a, b, task_ids, scores, offset=0, world_size=1)
+        sim_ab = a @ b.T
+        sim_ba = None  # b_i·a_j = S[j, i]: the one matrix serves both directions
+    else:
+        batch = dataclasses.replace(batch, a=_as_float(batch.a), b=_as_float(batch.b))
+        if batch.a.shape[1] != a.shape[1] or not 0 <= batch.offset <= len(batch.a) - rows:
+            raise ValueError(f"global batch {tuple(batch.a.shape)} at offset {batch.offset} does not "
+                             f"contain the local rows {tuple(a.shape)}")
+        sim_ab = a @ batch.b.T
+        sim_ba = b @ batch.a.T
+    n = len(batch.a)
+    targets = batch.offset + torch.arange(rows, device=a.device)
+    weight = task_weights[task_ids]  # λ_{t(i)} per row
+
+    nce = infonce_sim(sim_ab, sim_ba, targets, cfg.temperature)
+    if cfg.kind is LossKind.INFONCE:
+        per_row, rank_loss = nce, nce.new_zeros(())
+        rank = None
+    else:
+        table = _recipe_table(cfg, a.device, a.dtype)
+        score_on = table.score[task_ids]
+        _check_scores(scores, score_on)
+        cos_on, trip_on = table.cos[task_ids], table.triplet[task_ids]
+        pos, trip = _positives_and_triplet(sim_ab, targets, table.margin[task_ids], cfg.triplet_negatives)
+        mse = score_mse_pos(pos, torch.where(score_on > 0, scores, torch.zeros_like(scores)))
+        cos = cosine_pos(pos)
+        # R couples every text_pair pair of the *global* batch, so each worker computes it whole
+        # (O(N²) scalars, no matmul) and adds it unscaled: see the docstring's formula.
+        score_all = table.score[batch.task_ids]
+        pos_all = pos if batch.world_size == 1 and n == rows else pair_similarity(batch.a, batch.b)
+        rank = margin_rank_pos(pos_all, batch.scores, cfg.rank_margin, score_all > 0)
+        per_row = nce + score_on * cfg.lambda_score * mse + cos_on * cos + table.lambda_triplet[task_ids] * trip
+        rank_loss = cfg.lambda_rank * rank * (task_weights[batch.task_ids] * score_all).sum()
+
+    loss = (batch.world_size / n) * (weight * per_row).sum() + rank_loss / n
+
+    with torch.no_grad():
+        onehot = F.one_hot(task_ids.long(), len(TASKS)).to(a.dtype)  # (rows, 5)
+        ones = torch.ones_like(nce)
+        if rank is None:
+            raw = nce.detach()
+            zero = nce.new_zeros(())
+            term_sum = torch.stack([nce.sum(), zero, zero, zero, zero])
+            term_count = torch.stack([ones.sum(), zero, zero, zero, zero])
+        else:
+            raw = (per_row + score_on * cfg.lambda_rank * rank).detach()
+            term_sum = torch.stack([nce.sum(), (score_on * mse).sum(), score_on.sum() * rank,
+                                    (cos_on * cos).sum(), (trip_on * trip).sum()])
+            term_count = torch.stack([ones.sum(), score_on.sum(), score_on.sum(), cos_on.sum(), trip_on.sum()])
+        task_sum = onehot.T @ raw
+        stats = DLEStats(task_sum=task_sum, task_count=onehot.sum(0), task_weighted=task_weights * task_sum / n,
+                         term_sum=term_sum.detach(), term_count=term_count)
+    return loss, stats
+
+
+def _positives_and_triplet(sim_ab: Tensor, targets: Tensor, margin: Tensor,
+                           negatives: TripletNegatives) -> tuple[Tensor, Tensor]:
+    """(a_i·b_i, triplet_i) for each row; the default (hardest) path reads both similarities with
+    one gather, so the (R, N) similarity matrix gets one extra gradient pass for all of DLE."""
+    if negatives is TripletNegatives.HARDEST and sim_ab.shape[1] >= 2:
+        pos, neg = sim_ab.gather(1, torch.stack([targets, hardest_negatives(sim_ab, targets)], 1)).unbind(1)
+        return pos, triplet_hinge(pos, neg, margin)
+    return sim_ab.gather(1, targets[:, None]).squeeze(1), triplet_sim(sim_ab, targets, margin, negatives)
+
+
+def _check_scores(scores: Tensor, score_on: Tensor) -> None:
+    bad = torch.isnan(scores) & (score_on > 0)
+    if bad.any():
+        idx = bad.nonzero().flatten().tolist()
+        names = [t for t in TASKS if TASK_SPECS[t].recipe is Recipe.SCORE_RANK]
+        raise ValueError(f"scores: {names} sample(s) at batch index {idx[:10]}{' …' if len(idx) > 10 else ''} "
+                         f"have a NaN score; these tasks need gold scores in [0, 1]")
+
+
+def matryoshka_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor,
+                        cfg: LossConfig | None = None, dims: list[int] | tuple[int, ...] = (1024, 512, 256, 128),
+                        *, batch: GlobalBatch | None = None) -> tuple[Tensor, DLEStats]:
+    """Matryoshka DLE (Kusupati et al. 2022): the mean over d ∈ dims of `dle_loss` on the first d
+    coordinates, re-normalised (a prefix of a unit vector is not a unit vector), so that truncated
+    embeddings stay useful. Stats are the field-wise mean over the prefixes (their weighted parts
+    still sum to the returned loss)."""
+    width = a.shape[-1]
+    if not dims or any(not 1 <= d <= width for d in dims):
+        raise ValueError(f"model.projection.matryoshka_dims must be in [1, {width}] (the embedding size), "
+                         f"got {list(dims)}")
+    losses, stats = [], []
+    for d in dims:
+        sub = None
+        if batch is not None:
+            sub = dataclasses.replace(batch, a=F.normalize(batch.a[:, :d], dim=-1),
+                                      b=F.normalize(batch.b[:, :d], dim=-1))
+        loss, st = dle_loss(F.normalize(a[:, :d], dim=-1), F.normalize(b[:, :d], dim=-1), task_ids, scores,
+                            task_weights, cfg, batch=sub)
+        losses.append(loss)
+        stats.append(st)
+    return torch.stack(losses).mean(), DLEStats.mean(stats)
