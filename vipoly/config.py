@@ -166,7 +166,8 @@ class DataConfig(Strict):
     mix: dict[str, float] = {"text_pair": 0.45, "instr": 0.05, "ocr": 0.2, "vqa_single": 0.15, "vqa_multi": 0.15}
     """{source or task: weight}; weights are normalised. Default ≈ the reference corpus' shares."""
     mix_window: int = Field(64, ge=1)
-    """The exact-ratio window: every `mix_window` consecutive samples honour the weights (±1)."""
+    """Window over which the achieved ratio is reported. The scheduler (vipoly.data.mix) keeps each
+    source within 1 sample of n·p_s on every prefix and within 2 of N·p_s on every window of N."""
     shuffle_buffer: int = Field(256, ge=0)
     """Per-source shuffle buffer (rows) before mixing; 0 = file order."""
     max_text_chars: int = Field(20000, ge=1)
@@ -216,6 +217,8 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: STRICT_PACK keeps a run of up to 8 GPUs on one NVLink node."""
     phases: tuple[int, int] = (2000, 10000)
     """Step boundaries exploration → stabilization → optimization."""
     dynamic_from_phase: Literal["exploration", "stabilization", "optimization"] = "exploration"
@@ -229,6 +232,9 @@ class TrainConfig(Strict):
     """Consecutive NaN/inf losses that stop the run."""
     max_failures: int = Field(3, ge=0)
     """Worker failures Ray Train recovers from (restart from the last checkpoint)."""
+    stop_after: int | None = Field(None, ge=1)
+    """Stop (with a checkpoint) after this many steps in this invocation; re-run to continue.
+    For time-boxed allocations."""
 
     @model_validator(mode="after")
     def _phases(self):
@@ -247,6 +253,16 @@ class RunConfig(Strict):
     """None = the cluster from RAY_ADDRESS or `ray job submit`, else an embedded local Ray."""
 
 
+class DebugConfig(Strict):
+    """Fault injection for tests and fire drills; all off by default."""
+
+    fail_at_step: int | None = None
+    """Kill a worker process (os._exit) once, right after this step; a marker file in run.dir makes it once."""
+    fail_rank: int = 0
+    nan_at_steps: list[int] = []
+    """Make the loss NaN at these (1-based) steps."""
+
+
 class Config(Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
@@ -254,6 +270,7 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
+    debug: DebugConfig = DebugConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

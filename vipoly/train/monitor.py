@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vipoly.tasks import TASKS
-from vipoly.train.optim import COMPONENTS, component_of
+from vipoly.model.embedder import COMPONENTS, component_of
 
 
 def grad_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -22,7 +22,7 @@ def grad_norms(model: torch.nn.Module) -> dict[str, float]:
     sq = dict.fromkeys(COMPONENTS, 0.0)
     for name, p in model.named_parameters():
         if p.grad is not None:
-            sq[component_of(name.removeprefix("module."))] += float(p.grad.detach().float().pow(2).sum())
+            sq[component_of(name)] += float(p.grad.detach().float().pow(2).sum())
     out = {f"grad_norm/{c}": math.sqrt(v) for c, v in sq.items()}
     out["grad_norm"] = math.sqrt(sum(sq.values()))
     return out
@@ -58,10 +58,10 @@ def weight_drift(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> fl
     num = den = 0.0
     for name, p in model.named_parameters():
         name = name.removeprefix("module.")
-        if name in initial:
+        if name in initial and p.shape == initial[name].shape:  # ZeRO-3 partitions: not measurable here
             num += float((p.detach().float() - initial[name]).pow(2).sum())
             den += float(initial[name].pow(2).sum())
-    return math.sqrt(num / den) if den else 0.0
+    return math.sqrt(num / den) if den else float("nan")
 
 
 class MetricsLog:

@@ -11,20 +11,7 @@ import math
 import torch
 
 from vipoly.config import TrainConfig
-
-COMPONENTS = ("vision", "language", "pooling", "projection")
-
-
-def component_of(name: str) -> str:
-    """Which part of a PolyEmbedder a parameter belongs to, from its name."""
-    if name.startswith("pooling."):
-        return "pooling"
-    if name.startswith("projection."):
-        return "projection"
-    if ".visual." in f".{name}" or "vision" in name:
-        return "vision"
-    return "language"
-
+from vipoly.model.embedder import component_of
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     lrs = {"vision": cfg.vision_lr, "language": cfg.lr, "pooling": cfg.head_lr or cfg.lr,

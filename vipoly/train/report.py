@@ -5,7 +5,7 @@ from pathlib import Path
 
 from vipoly.tasks import TASKS
 from vipoly.train.monitor import read_metrics
-from vipoly.train.optim import COMPONENTS
+from vipoly.model.embedder import COMPONENTS
 
 PLOTS = {
     "loss_per_task.png": ("Raw loss per task", "loss/{t}", TASKS),

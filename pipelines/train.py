@@ -1,0 +1,123 @@
+"""Train a PolyEmbedder with DLE + STW on Ray Train.
+
+    python -m pipelines.train --config configs/tiny-cpu.yaml [--set train.max_steps=100 ...]
+    ray job submit --working-dir . -- python -m pipelines.train --config configs/qwen2vl-2b.yaml
+
+With no cluster address an embedded local Ray starts; under `ray job submit` the job's cluster is
+used. Re-running the same command on the same `run.dir` resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vipoly.config import Config, ConfigError, Strategy, add_config_args, config_from_args
+
+
+def init_ray(address: str | None) -> None:
+    import ray  # ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)  # ray: the cluster (`ray job submit` sets RAY_ADDRESS)
+    else:
+        ray.init(include_dashboard=False)  # ray: embedded local instance
+
+
+def build_trainer(cfg: Config, run_dir: Path):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray
+    from ray.train.torch import TorchConfig, TorchTrainer  # ray
+
+    from vipoly.train.batches import StreamFactory
+    from vipoly.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    strategic = sum(1 for s in t.strategic_checkpoints if t.max_steps < 0 or s <= t.max_steps)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            # Latest is always kept; strategic checkpoints outscore periodic ones (see loop._checkpoint).
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints + strategic,
+                                               checkpoint_score_attribute="checkpoint_score"),
+        ),
+    )
+
+
+def check_config(cfg: Config) -> None:
+    """Fail before any worker starts: data present, strategy available."""
+    from vipoly.train.batches import resolve_sources
+
+    try:
+        resolve_sources(cfg.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.root / data.sources: {e}") from None
+    if cfg.train.strategy != Strategy.DDP:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"train.strategy={cfg.train.strategy.value} needs deepspeed: {e}") from None
+
+
+def latest_step(run_dir: Path) -> int:
+    """Steps already done by an earlier run in `run_dir` (its newest complete checkpoint), 0 if none.
+    Ray Train restores that same checkpoint: it is the latest one reported."""
+    names = [p.parent.name for p in run_dir.glob("checkpoint-*/state.pt")]
+    return max((int(n.split("-")[1]) for n in names), default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_config_args(argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        check_config(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.run.dir).resolve()
+    cfg.run.dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.model.backbone == "tiny":
+        # The demo/test model: a tiny random Qwen2-VL built locally, once per run directory.
+        from vipoly.model.tiny import build_tiny
+
+        init = run_dir / "init-model"
+        if not (init / "vipoly.json").exists():
+            build_tiny(init, seed=cfg.train.seed)
+        cfg.model.backbone = str(init)
+    cfg.save(run_dir / "config.yaml")
+    (run_dir / "STOPPED").unlink(missing_ok=True)
+    print(f"vipoly train → {run_dir}\n{(run_dir / 'config.yaml').read_text()}", flush=True)
+
+    done = latest_step(run_dir)
+    if done:
+        print(f"resumed from step {done}", flush=True)
+    init_ray(cfg.run.ray_address)
+    result = build_trainer(cfg, run_dir).fit()  # ray
+    if (run_dir / "STOPPED").exists():
+        print(f"error: {(run_dir / 'STOPPED').read_text().strip()}", file=sys.stderr)
+        return 1
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"done: model in {run_dir / 'model'}, report in {run_dir / 'report.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""End-to-end training on the tiny model with real Ray Train: DDP and DeepSpeed, resume, faults, guards."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines import train as train_pipeline
+from vipoly.tasks import TASKS
+from vipoly.train.monitor import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny-cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from vipoly.data.synthetic import main as synthetic
+
+    out = tmp_path_factory.mktemp("syn")
+    synthetic(["--out", str(out), "--n", "200", "--seed", "0"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_model(tmp_path_factory, tiny_model_dir) -> Path:
+    return tiny_model_dir
+
+
+def train(run_dir: Path, data_root: Path, init_model: Path, *sets: str) -> int:
+    args = ["--config", TINY, "--set", f"data.root={data_root}", "--set", f"run.dir={run_dir}",
+            "--set", f"model.backbone={init_model}", "--set", "run.wandb=offline",
+            "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--set", "train.log_every=1"]
+    for s in sets:
+        args += ["--set", s]
+    return train_pipeline.main(args)
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, ray_session, data_root, init_model) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "straight"
+    assert train(run, data_root, init_model) == 0
+    return run
+
+
+def test_run_directory_contract(straight):
+    rows = steps(straight)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    required = {"step", "epoch", "phase", "loss", "grad_norm", "samples_per_s"}
+    for t in TASKS:
+        required |= {f"weight/{t}", f"share/{t}", f"samples_seen/{t}"}
+    assert required <= set(rows[-1])
+    assert all(f"loss/{t}" in r for t in TASKS for r in rows[-2:]) or \
+        all(any(f"loss/{t}" in r for r in rows) for t in TASKS)
+    assert {"grad_norm/vision", "grad_norm/language", "grad_norm/pooling", "grad_norm/projection"} <= set(rows[-1])
+    assert (straight / "config.yaml").is_file() and (straight / "report.md").is_file()
+    assert (straight / "plots" / "loss_per_task.png").is_file()
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000006"]
+
+
+def test_samples_seen_follow_the_mix(straight):
+    from vipoly.config import load_config
+
+    mix = load_config(TINY).data.mix
+    last = steps(straight)[-1]
+    seen = {t: last[f"samples_seen/{t}"] for t in TASKS}
+    total = sum(seen.values())
+    assert total == 6 * 2 * 10  # steps × workers × batch
+    for t in TASKS:  # each worker's stream is exact to ±1 per window: ±2 over two workers
+        assert abs(seen[t] - total * mix[t] / sum(mix.values())) <= 2, seen
+
+
+def test_saved_model_encodes(straight):
+    from vipoly.model import PolyEmbedder
+
+    model = PolyEmbedder.from_pretrained(straight / "model")
+    v = model.encode(["Xin chào thế giới"], task="instr")
+    assert v.shape == (1, model.embedding_dim)
+
+
+def test_resume_gives_the_same_run(tmp_path, ray_session, straight, data_root, init_model, capfd):
+    run = tmp_path / "split"
+    assert train(run, data_root, init_model, "train.stop_after=3") == 0
+    assert [r["step"] for r in steps(run)] == [1, 2, 3]
+    assert train(run, data_root, init_model) == 0
+    assert "resumed from step 3" in capfd.readouterr().out
+    a, b = steps(straight), steps(run)
+    assert [r["step"] for r in b] == list(range(1, 7))  # no repeated steps
+    for ra, rb in zip(a, b):
+        assert ra["data_digest"] == rb["data_digest"], ra["step"]  # the same samples
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
+        for t in TASKS:
+            assert rb[f"weight/{t}"] == pytest.approx(ra[f"weight/{t}"], abs=1e-5)
+
+
+def test_killed_worker_is_replaced(tmp_path, ray_session, straight, data_root, init_model):
+    run = tmp_path / "faulty"
+    assert train(run, data_root, init_model, "debug.fail_at_step=4", "debug.fail_rank=1",
+                 "train.max_failures=1") == 0
+    assert (run / ".fault-injected-4").exists()
+    rows = steps(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for ra, rb in zip(steps(straight), rows):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, ray_session, data_root, init_model, capfd):
+    run = tmp_path / "nan"
+    rc = train(run, data_root, init_model, "train.num_workers=1", "debug.nan_at_steps=[2, 3]",
+               "train.max_bad_steps=2")
+    assert rc == 1
+    assert "steps in a row had a non-finite loss" in capfd.readouterr().err
+    rows = steps(run)
+    assert rows[-1]["step"] == 3 and rows[-1]["bad_steps_total"] == 2
+    assert rows[1]["bad_steps_total"] == 1
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_trains_and_resumes(tmp_path, ray_session, data_root, init_model, strategy, capfd, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    run = tmp_path / strategy
+    sets = (f"train.strategy={strategy}", "train.max_steps=4", "train.checkpoint_every=2")
+    assert train(run, data_root, init_model, *sets, "train.stop_after=2") == 0
+    assert train(run, data_root, init_model, *sets) == 0
+    assert "resumed from step 2" in capfd.readouterr().out
+    rows = steps(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] for r in rows)
+    from vipoly.model import PolyEmbedder
+
+    assert PolyEmbedder.from_pretrained(run / "model").encode(["ok"]).shape[0] == 1
+
+
+def test_bad_config_fails_before_any_worker(tmp_path, capsys):
+    assert train_pipeline.main(["--config", TINY, "--set", "train.strategy=zero9"]) == 2
+    assert "train.strategy" in capsys.readouterr().err
+    assert train_pipeline.main(["--config", TINY, "--set", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert "data.root" in capsys.readouterr().err
+    assert train_pipeline.main(["--config", TINY, "--set", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err

@@ -1,0 +1,226 @@
+"""The per-worker training loop (runs inside each Ray Train worker, or in one plain process).
+
+One optimizer step = `grad_accum` micro-batches. Each micro-batch embeds queries and positives in
+one forward pass, gathers them across workers (negatives from the global batch), and applies
+`dle_loss` with the current STW weights. Task losses are accumulated over a window of K steps,
+summed across workers, and turned into new weights on every rank at once, so all ranks always
+apply the same λ. Ray-specific lines are marked `# ray`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vipoly.config import Config
+from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
+from vipoly.stw import TaskWeighter
+from vipoly.tasks import TASKS
+from vipoly.train.engine import build_engine
+from vipoly.train.monitor import Console, MetricsLog, Volatility, Wandb, pooling_entropy, weight_drift
+from vipoly.train.phases import dynamic_stw_active, is_checkpoint_step, phase_of
+from vipoly.train.report import write_report
+from vipoly.train.state import load_rank_state, save_rank_state, seed_everything, set_rng_state
+
+
+class Context:
+    """Where the loop runs: a Ray Train worker, or one plain process (benchmarks, tests)."""
+
+    def __init__(self, use_ray: bool):
+        self.use_ray = use_ray
+        if use_ray:
+            import ray.train  # ray
+            import ray.train.torch  # ray
+
+            ctx = ray.train.get_context()  # ray
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()  # ray
+        else:
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def checkpoint_dir(self) -> Path | None:
+        if not self.use_ray:
+            return None
+        import ray.train  # ray
+
+        ckpt = ray.train.get_checkpoint()  # ray
+        return Path(ckpt.path) if ckpt is not None and Path(ckpt.path).exists() else (
+            Path(ckpt.to_directory()) if ckpt is not None else None)
+
+    def report(self, metrics: dict, ckpt_dir: Path | None = None, name: str | None = None) -> None:
+        if not self.use_ray:
+            return
+        import ray.train  # ray
+
+        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None  # ray
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)  # ray
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of a Ray Train worker. `config` = {"cfg": Config as dict, "stream": StreamFactory}."""
+    run_training(Config.model_validate(config["cfg"]), config["stream"], use_ray=config.get("use_ray", True))
+
+
+def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None) -> dict:
+    from vipoly.model import PolyEmbedder
+
+    ctx = Context(use_ray)
+    run_dir = Path(cfg.run.dir)
+    tcfg = cfg.train
+    seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
+    model = PolyEmbedder.build(cfg.model)  # also turns on gradient checkpointing when configured
+    stream = stream_factory(rank=ctx.rank, world=ctx.world)
+    total = steps or stream.total_steps(tcfg)
+    steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
+    initial_proj = {n: p.detach().float().clone() for n, p in model.named_parameters() if n.startswith("projection.")}
+    engine = build_engine(model, cfg, total, ctx.device)
+    weighter = TaskWeighter(cfg.stw)
+
+    start, extra = 0, {}
+    seed_everything(tcfg.seed * 1000 + ctx.rank)  # per rank from here on (dropout, shuffles)
+    ckpt_dir = ctx.checkpoint_dir()
+    if ckpt_dir is not None:
+        engine.load(ckpt_dir)
+        state = torch.load(ckpt_dir / "state.pt", weights_only=False)
+        start, extra = state["step"], state.get("extra", {})
+        weighter.load_state_dict(state["stw"])
+        initial_proj = state.get("initial_proj", initial_proj)
+        rank_state = load_rank_state(ckpt_dir, ctx.rank)
+        if rank_state is not None:
+            stream.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+        if ctx.rank == 0:
+            print(f"resumed from step {start}", flush=True)
+
+    rank0 = ctx.rank == 0
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start)
+        console = Console(total, start)
+        wb = Wandb(cfg.run.wandb, run_dir, cfg.run.name or run_dir.name, cfg.to_dict(), extra.get("wandb_id"))
+        extra["wandb_id"] = wb.id
+    volatility = Volatility()
+    bad_in_row, bad_total = extra.get("bad_in_row", 0), extra.get("bad_total", 0)
+    seen = torch.tensor(extra.get("seen", [0] * len(TASKS)), dtype=torch.float64)
+    stopped = None
+    dims = cfg.model.projection.matryoshka_dims if cfg.model.projection.matryoshka else None
+
+    for step in range(start, total):
+        t0, done_before = time.time(), step
+        epoch, phase = step // steps_per_epoch, phase_of(step, tcfg)
+        lam = weighter.as_tensor(epoch).to(ctx.device)
+        stats_sum = None  # Σ over micro-batches of this rank's DLEStats (they combine by addition)
+        loss_total, entropy, digest, bad = 0.0, 0.0, 0, False
+        for _ in range(tcfg.grad_accum):
+            batch = stream.next_batch()
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                                enabled=tcfg.bf16 and ctx.device.type == "cuda"):
+                out = engine.forward(**{k: v.to(ctx.device) for k, v in batch["inputs"].items()})
+            n = batch["task_ids"].shape[0]
+            a, b = out.embedding[:n].float(), out.embedding[n:].float()
+            if done_before + 1 in cfg.debug.nan_at_steps:
+                a = a * float("nan")
+            loss, stats = global_dle_loss(a, b, batch["task_ids"].to(ctx.device), batch["scores"].to(ctx.device),
+                                          lam, cfg.loss, dims=dims)
+            finite = all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)).item() == 0
+            if not finite:
+                bad = True
+                loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # backward still runs: DDP/DeepSpeed hooks stay in step
+            engine.backward(loss)
+            loss_total += float(loss.detach()) / tcfg.grad_accum
+            t = stats.to_tensor().double()
+            stats_sum = t if stats_sum is None else stats_sum + t
+            digest += sum(zlib.crc32(i.encode()) for i in batch["id"])
+            entropy += pooling_entropy(out.pooling_weights, out.attention_mask) / tcfg.grad_accum
+            norms = engine.step(skip=bad)
+
+        # Sum over workers: every rank then holds the same task losses and so computes the same λ.
+        g = reduce_stats(DLEStats.from_tensor(stats_sum))
+        extras = all_sum(torch.tensor([loss_total, entropy, digest % 2**31], dtype=torch.float64,
+                                      device=ctx.device)).cpu()
+        g_loss, g_entropy = extras[0].item() / ctx.world, extras[1].item() / ctx.world
+        g_counts = g.task_count.cpu()
+        seen += g_counts
+        if bad:
+            bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+            if bad_in_row >= tcfg.max_bad_steps:
+                stopped = (f"stopped: {bad_in_row} steps in a row had a non-finite loss (last at step {step + 1}); "
+                           f"lower train.lr or check the data")
+        else:
+            bad_in_row = 0
+            weighter.observe(DLEStats.from_tensor(g.to_tensor().cpu()))
+        done = step + 1
+        if dynamic_stw_active(step, tcfg) and weighter.due(done) and weighter.window_losses():
+            weighter.update_from_window(epoch)
+
+        if rank0 and (done % tcfg.log_every == 0 or done == total or stopped):
+            task_mean, shares = g.task_losses(), g.shares()
+            row = {"step": done, "epoch": epoch, "phase": phase, "loss": g_loss, "lr": engine.lr(),
+                   "samples_per_s": g_counts.sum().item() / max(1e-9, time.time() - t0),
+                   "volatility": volatility(g_loss), "pooling_entropy": g_entropy,
+                   "projection_drift": weight_drift(engine.module, initial_proj),
+                   "bad_steps_total": bad_total, "data_digest": int(extras[2].item()), **(norms or {})}
+            for i, t in enumerate(TASKS):
+                if t in task_mean:
+                    row[f"loss/{t}"] = task_mean[t]
+                row[f"weight/{t}"] = float(lam[i])
+                row[f"share/{t}"] = shares.get(t, 0.0)
+                row[f"samples_seen/{t}"] = int(seen[i].item())
+            log.write(row)
+            wb.log(row)
+            print(console.line(row), flush=True)
+
+        if tcfg.stop_after and done - start >= tcfg.stop_after and done < total:
+            stopped = stopped or f"paused after {tcfg.stop_after} steps (train.stop_after); re-run to continue"
+        save, strategic = is_checkpoint_step(done, tcfg)
+        if save or done == total or stopped:
+            extra.update(bad_in_row=bad_in_row, bad_total=bad_total, seen=seen.tolist())
+            _checkpoint(ctx, engine, weighter, stream, done, epoch, extra, initial_proj, strategic, run_dir)
+        elif ctx.use_ray and done % tcfg.log_every == 0:
+            ctx.report({"step": done, "loss": g_loss})
+        if stopped:
+            break
+        if cfg.debug.fail_at_step == done and ctx.rank == cfg.debug.fail_rank:
+            marker = run_dir / f".fault-injected-{done}"
+            if not marker.exists():
+                marker.write_text("injected\n")
+                print(f"debug: killing worker rank {ctx.rank} after step {done}", flush=True)
+                os._exit(1)
+
+    engine.export(run_dir / "model", ctx.rank)
+    if rank0:
+        write_report(run_dir)
+        wb.finish()
+        if stopped and not stopped.startswith("paused"):
+            (run_dir / "STOPPED").write_text(stopped + "\n")
+        if stopped:
+            print(stopped, flush=True)
+    return {"step": done, "stopped": stopped}
+
+
+def _checkpoint(ctx, engine, weighter, stream, step, epoch, extra, initial_proj, strategic, run_dir) -> None:
+    with tempfile.TemporaryDirectory(prefix="vipoly-ckpt-") as tmp:
+        d = Path(tmp)
+        engine.save(d, ctx.rank)
+        save_rank_state(d, ctx.rank, stream.state_dict())
+        if ctx.rank == 0:
+            torch.save({"step": step, "epoch": epoch, "stw": weighter.state_dict(), "extra": extra,
+                        "initial_proj": initial_proj}, d / "state.pt")
+            if (run_dir / "metrics.jsonl").exists():
+                (d / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+            write_report(run_dir)
+        # Strategic checkpoints score above all periodic ones, so the retention policy keeps them.
+        score = step + (1e12 if strategic else 0)
+        ctx.report({"step": step, "checkpoint_score": score}, d, name=f"checkpoint-{step:07d}")
