@@ -114,7 +114,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     volatility = Volatility()
     bad_in_row, bad_total = extra.get("bad_in_row", 0), extra.get("bad_total", 0)
     seen = torch.tensor(extra.get("seen", [0] * len(TASKS)), dtype=torch.float64)
-    stopped = None
+    stopped, done = None, start
     dims = cfg.model.projection.matryoshka_dims if cfg.model.projection.matryoshka else None
 
     for step in range(start, total):

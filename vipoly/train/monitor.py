@@ -123,7 +123,9 @@ class Wandb:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project="vipoly", name=name, dir=str(run_dir), mode=mode, config=config,
-                              id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous")
+                              id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
+                              # console capture would print every progress line twice
+                              settings=wandb.Settings(console="off"))
 
     @property
     def id(self) -> str | None:
