@@ -34,6 +34,7 @@ from transformers import Qwen2VLModel
 from vipoly.config import ModelConfig
 from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
 from vipoly.model.inputs import META_FILE, InputBuilder, decode_image
+from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, register_varlen_attention, unpack
 from vipoly.model.pooling import build_pooling
 from vipoly.model.projection import ProjectionHead, matryoshka
 from vipoly.tasks import TASKS, check_task, prefix
@@ -121,11 +122,18 @@ class PolyEmbedder(nn.Module):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None) -> EmbedOutput:
-        """A batch from `InputBuilder.pad` → normalised embeddings. Pooling and projection run in
-        float32 with autocast off, whatever the backbone's dtype."""
+                image_grid_thw: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None) -> EmbedOutput:
+        """A batch from `InputBuilder.pad` (or, with `cu_seqlens`, from `InputBuilder.pack`: see
+        `forward_packed`) → normalised embeddings. Pooling and projection run in float32 with autocast
+        off, whatever the backbone's dtype. Both kinds go through `forward`, so DDP sees them."""
+        if cu_seqlens is not None:
+            return self.forward_packed(input_ids, position_ids, cu_seqlens, seq_ids, pixel_values=pixel_values,
+                                       image_grid_thw=image_grid_thw)
+        if attention_mask is None:
+            raise ValueError("forward: a padded batch needs attention_mask (a packed one needs cu_seqlens)")
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.inputs.image_pad_id).int()
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
@@ -136,16 +144,64 @@ class PolyEmbedder(nn.Module):
             embedding = F.normalize(self.projection(pooled), dim=-1)
         return EmbedOutput(embedding, pooled, weights, attention_mask)
 
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                       seq_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                       image_grid_thw: torch.Tensor | None = None, **_: Any) -> EmbedOutput:
+        """A packed batch from `InputBuilder.pack` (B documents in one row of T tokens) → the same
+        EmbedOutput as the padded batch of those rows: embedding (B, out), pooled (B, D), and the
+        pooling weights and mask in the padded (B, N) layout.
+
+        The vision tower runs as in `forward` (it never pads); the language model gets the packed
+        positions and attends within each document only (packing.py says how, per attention kind).
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"forward_packed: input_ids must be (1, T), got {tuple(input_ids.shape)}")
+        if position_ids is None or position_ids.shape[0] != 4:
+            raise ValueError("forward_packed: position_ids must be (4, 1, T) as InputBuilder.pack makes them")
+        cu_seqlens = cu_seqlens.to(input_ids.device)
+        if seq_ids is None:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=input_ids.device), lengths)
+        seq_ids = seq_ids.reshape(-1)
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            # Image features are merged here rather than inside the backbone's forward, so that the
+            # varlen arguments below reach the language model only, not the vision tower.
+            image = self.backbone.get_image_features(pixel_values, image_grid_thw)
+            image = torch.cat(list(getattr(image, "pooler_output", image))).to(embeds.device, embeds.dtype)
+            image_mask, _ = self.backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=image)
+            embeds = embeds.masked_scatter(image_mask, image)
+        text_config = self.backbone.language_model.config
+        mask, attn_kwargs = attention_inputs(text_config._attn_implementation, cu_seqlens,
+                                             getattr(text_config, "layer_types", None) or ["full_attention"])
+        hidden = self.backbone(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
+                               use_cache=False, **attn_kwargs).last_hidden_state
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            pooled, weights = pool_packed(self.pooling, hidden[0], seq_ids, cu_seqlens)
+            embedding = F.normalize(self.projection(pooled), dim=-1)
+        weights, attention_mask = unpack(weights, seq_ids, cu_seqlens)
+        if weights.dim() == 3:  # multi-head: (B, N, heads) → (B, heads, N) as the padded pooler gives
+            weights = weights.transpose(1, 2)
+        return EmbedOutput(embedding, pooled, weights, attention_mask)
+
+    def use_varlen_attention(self) -> None:
+        """Switch the backbone to PyTorch's varlen FlashAttention for packed batches (SDPA for all
+        else); see packing.VARLEN. For GPUs without the flash_attn package."""
+        self.backbone.set_attn_implementation(register_varlen_attention())
+
     # ------------------------------------------------------------ encode
     @torch.no_grad()
     def encode(self, texts: str | Sequence[str | None] | None = None, images: Any = None, task: str | None = None,
-               batch_size: int = 32, dim: int | None = None, show_progress: bool = False) -> np.ndarray:
+               batch_size: int = 32, dim: int | None = None, show_progress: bool = False,
+               packed: bool | None = None) -> np.ndarray:
         """Embed texts, images, or (text, image) pairs → float32 (n, dim), rows L2-normalised.
 
         images: PIL images, PNG/JPEG bytes or file paths (one per row; a list per row for several).
         task: one of TASKS, prepended as its prefix; None for no prefix.
         dim: Matryoshka truncation e[:dim] / ‖e[:dim]‖ (None = the full size).
         Inputs are batched by length (less padding); each vector is the one the input gets alone.
+        packed: feed packed batches (no padding at all); None = where the attention is a varlen
+        FlashAttention kind, whose packed batches cost nothing extra (SDPA's would need a T×T mask).
         """
         rows = _rows(texts, images)
         check_task(task)
@@ -154,6 +210,9 @@ class PolyEmbedder(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         out = np.empty((len(rows), dim or self.embedding_dim), dtype=np.float32)
+        if packed is None:
+            packed = self.backbone.language_model.config._attn_implementation in FLASH_IMPLEMENTATIONS
+        collate = self.inputs.pack if packed else self.inputs.pad
         # Rows are prepared and sorted a window at a time, so the decoded pixels held in memory stay
         # bounded however many images are passed.
         window = batch_size * 16
@@ -169,7 +228,7 @@ class PolyEmbedder(nn.Module):
                 order = np.argsort([-len(r["input_ids"]) for r in encoded], kind="stable")
                 for start in range(0, len(encoded), batch_size):
                     idx = order[start:start + batch_size]
-                    batch = {k: v.to(self.device) for k, v in self.inputs.pad([encoded[i] for i in idx]).items()}
+                    batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in idx]).items()}
                     with self._inference_autocast():
                         emb = self(**batch).embedding
                     out[first + idx] = matryoshka(emb, dim).float().cpu().numpy()

@@ -13,7 +13,8 @@ Layout of one input (M = number of merged image patches):
 `encode_one` returns numpy arrays only (cheap to pickle between Ray Data stages; images travel as
 bytes and are decoded here); `pad` turns a list of them into one right-padded batch of tensors.
 Right padding keeps every real token at the position it has alone, so a vector does not depend on
-its batch.
+its batch. `pack` concatenates them instead, with no padding at all (see packing.py); the model
+takes either kind of batch.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vipoly.config import ModelConfig
+from vipoly.model.packing import pack_rows
 from vipoly.tasks import TASKS, check_task, prefix
 
 META_FILE = "vipoly.json"  # written by PolyEmbedder.save_pretrained
@@ -148,3 +150,10 @@ class InputBuilder:
             batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels))
             batch["image_grid_thw"] = torch.from_numpy(np.concatenate(grids))
         return batch
+
+    def pack(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Concatenate rows from `encode_one` into one packed batch with no padding: input_ids,
+        mm_token_type_ids and seq_ids (1, T), position_ids (4, 1, T) restarting at 0 in each row,
+        cu_seqlens (B+1,) int32, and the pixel keys as in `pad`. `PolyEmbedder` gives each row the
+        vector it gets from a padded batch (see packing.py)."""
+        return pack_rows(rows, self.merge)
