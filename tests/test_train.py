@@ -143,3 +143,11 @@ def test_bad_config_fails_before_any_worker(tmp_path, capsys):
     assert "data.root" in capsys.readouterr().err
     assert train_pipeline.main(["--config", TINY, "--set", "train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err
+
+
+def test_packed_sequences_train(tmp_path, ray_session, data_root, init_model):
+    run = tmp_path / "packed"
+    assert train(run, data_root, init_model, "train.num_workers=1", "train.packed_sequences=true",
+                 "train.max_steps=2", "train.checkpoint_every=2") == 0
+    rows = steps(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)

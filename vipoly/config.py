@@ -212,6 +212,9 @@ class TrainConfig(Strict):
     clip_grad_norm: float = Field(1.0, gt=0)
     bf16: bool = True
     """bf16 autocast where a GPU is used (ignored on CPU)."""
+    packed_sequences: bool = False
+    """Concatenate a micro-batch's documents into one row with no padding (per-document positions
+    and attention); pays off with FlashAttention varlen on GPU, equal results on CPU."""
     strategy: Strategy = Strategy.DDP
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

@@ -43,7 +43,7 @@ class TrainStream:
         # Queries and positives go through the model in ONE forward pass: DDP sees one graph per
         # step, and the backbone runs one larger batch instead of two.
         both = [{k: r[f"{s}_{k}"] for k in ENCODED_KEYS if f"{s}_{k}" in r} for s in ("q", "p") for r in rows]
-        batch["inputs"] = self.builder.pad(both)
+        batch["inputs"] = self.builder.pack(both) if self.cfg.train.packed_sequences else self.builder.pad(both)
         return batch
 
     # -- position
