@@ -1,0 +1,169 @@
+"""Data pipeline throughput: read → mix → decode/encode → collate, against the raw Parquet read.
+
+    python bench/data_pipeline.py [--n-text 4000] [--n-image 1000] [--batch 32]
+
+On synthetic shards (written to a temporary folder) and the tiny model's processor:
+  raw read        Ray Data read_parquet → iter_rows over the same shards (the baseline)
+  mix only        the exact-ratio MixedStream over per-source Ray Data pipelines, no encoding
+  full pipeline   read → mix → encode (tokenizer, image decode + image processor, in Ray Data
+                  stages) → collate into padded batches (in this process)
+for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi). Also measures
+the ratio Ray's own `Dataset.mix` achieves (whole blocks) against the scheduler's, over windows
+of 64 samples. Prints every number, and the ratios to the raw read.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def raw_read(files: dict[str, list[str]]) -> tuple[int, float, float]:
+    """(rows, seconds in all, seconds to the first row) of a plain Ray Data read of every source."""
+    from vipoly.data.shards import read_parquet
+
+    t0 = time.perf_counter()
+    n, first = 0, None
+    for fs in files.values():
+        for _ in read_parquet(fs).iter_rows():
+            n += 1
+            if first is None:
+                first = time.perf_counter() - t0
+    return n, time.perf_counter() - t0, first or 0.0
+
+
+def stream_rate(data, model_dir, n: int, batch: int, collate) -> tuple[int, float, float]:
+    """(samples, seconds in all, seconds to the first batch) of the mixed stream."""
+    from vipoly.data.stream import build_stream
+
+    t0 = time.perf_counter()
+    with build_stream(data, model_dir, seed=0) as stream:
+        batches = stream.iter_batches(batch, collate)
+        next(batches)
+        first = time.perf_counter() - t0
+        done = batch
+        while done < n:
+            next(batches)
+            done += batch
+    return done, time.perf_counter() - t0, first
+
+
+def encode_in_process(files: dict[str, list[str]], model_dir, n: int, batch: int) -> tuple[int, float, float]:
+    """The processor alone, in this process on one core: encode + collate of n rows (no Ray, no mix)."""
+    import pyarrow.parquet as pq
+
+    from vipoly.data.collate import collate_pairs, encode_rows, load_builder
+
+    builder = load_builder(str(model_dir))
+    rows = [r for fs in files.values() for r in pq.read_table(fs[0]).to_pylist()[: n // len(files) + 1]][:n]
+    t = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        enc = encode_rows(rows[i:i + batch], builder)
+        collate_pairs([{k: v[j] for k, v in enc.items()} for j in range(len(enc["id"]))], builder)
+    return len(rows), time.perf_counter() - t, 0.0
+
+
+def line(label: str, n: int, total: float, first: float, base: float | None = None) -> str:
+    r = rate(n, total)
+    steady = rate(n, total - first) if total > first else float("inf")
+    ratio = f"  {r / base:7.1%} of raw" if base else ""
+    return f"  {label:<40} {r:8.0f} samples/s{ratio}   (steady {steady:8.0f}/s; first after {first:5.1f} s; n={n})"
+
+
+def ray_mix_ratio(files: dict[str, list[str]], weights: dict[str, float], window: int) -> dict | None:
+    """Ray's Dataset.mix (where this Ray has it): tag rows by source, mix, measure the windows."""
+    import ray
+
+    from vipoly.data.mix import measure_ratio
+    from vipoly.data.shards import read_parquet
+
+    if not hasattr(ray.data.Dataset, "mix"):
+        return None
+    names = list(weights)
+    dss = [read_parquet(files[n], columns=["task"]) for n in names]
+    mixed = dss[0].mix(*dss[1:], weights=[weights[n] for n in names])
+    picks = [r["task"] for r in mixed.iter_rows()]
+    return measure_ratio(picks, weights, window)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-text", type=int, default=4000, help="samples drawn from the text mix")
+    p.add_argument("--n-image", type=int, default=1000, help="samples drawn from the image mix")
+    p.add_argument("--batch", type=int, default=32)
+    args = p.parse_args(argv)
+
+    import ray
+
+    from vipoly.config import DataConfig
+    from vipoly.data.collate import PairCollate
+    from vipoly.data.mix import RatioScheduler, measure_ratio
+    from vipoly.data.shards import task_sources
+    from vipoly.data.synthetic import write_synthetic
+    from vipoly.model.tiny import build_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix="vipoly-bench-data-"))
+    # Ray starts its workers at nice 15; on a machine shared with other jobs they then get a small
+    # slice of the cores while this driver gets a full one. Equal niceness keeps the comparison fair.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _temp_dir=str(tmp / "ray"))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; ray {ray.__version__}")
+
+    t = time.perf_counter()
+    # every source large enough that no source wraps around during the measurement
+    write_synthetic(tmp / "text", n=5 * args.n_text, seed=0, tasks=("text_pair", "instr"), rows_per_file=2048)
+    write_synthetic(tmp / "image", n=2 * args.n_image, seed=0, tasks=("ocr", "vqa_single", "vqa_multi"),
+                    rows_per_file=512)
+    model_dir = build_tiny(tmp / "tiny", seed=0)
+    print(f"setup (synthetic shards + tiny model): {time.perf_counter() - t:.1f} s")
+    collate = PairCollate(model_dir)
+
+    for kind, mix, n in (("text", {"text_pair": 0.9, "instr": 0.1}, args.n_text),
+                         ("image", {"ocr": 0.4, "vqa_single": 0.3, "vqa_multi": 0.3}, args.n_image)):
+        root = tmp / kind
+        files = task_sources(root)
+        raw_read(files)  # warm the workers
+        n_raw, s_raw, f_raw = raw_read(files)
+        base = rate(n_raw, s_raw)
+        data = DataConfig(root=str(root), mix=mix, shuffle_buffer=256)
+        stream_rate(data, model_dir, 2 * args.batch, args.batch, collate)  # warm: processor loaded in the workers
+        print(f"\n[{kind}] mix {mix}, batch {args.batch}")
+        print(line("raw read (read_parquet → rows)", n_raw, s_raw, f_raw))
+        print(line("read → mix (no encoding)", *stream_rate(data, None, n, args.batch, None), base))
+        print(line("read → mix → decode/encode → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
+        print(line("encode + collate alone, 1 process", *encode_in_process(files, model_dir, min(n, 1000), args.batch),
+                   base))
+
+    window = 64
+    weights = {"text_pair": 0.45, "instr": 0.05, "ocr": 0.2, "vqa_single": 0.15, "vqa_multi": 0.15}
+    sched = RatioScheduler(weights)
+    ours = measure_ratio([sched.next() for _ in range(20000)], weights, window)
+    print(f"\n[ratio] weights {weights}, windows of {window}")
+    print(f"  exact-ratio scheduler: max |count - {window}·p| = {ours['max_window_dev']['max']:.2f}, "
+          f"max prefix deviation {ours['max_prefix_dev']['max']:.2f} samples")
+    all_files = {**task_sources(tmp / "text"), **task_sources(tmp / "image")}
+    theirs = ray_mix_ratio(all_files, weights, window)
+    if theirs is None:
+        print("  Ray Dataset.mix: not in this Ray")
+    else:
+        shares = ", ".join(f"{k} {v:.3f}" for k, v in theirs["shares"].items())
+        print(f"  Ray Dataset.mix:       max |count - {window}·p| = {theirs['max_window_dev']['max']:.2f} "
+              f"(over {theirs['n']} rows; shares {shares})")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (numbers from a machine busy with other jobs "
+          "are low for the longer pipelines first)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

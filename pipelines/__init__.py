@@ -1,0 +1,1 @@
+"""Ray job entrypoints: run as `python -m pipelines.<name>` from the repo root."""

@@ -1,0 +1,281 @@
+"""Streaming mix of several sources by exact ratio, with a position that survives a restart.
+
+Why not Ray's `Dataset.mix`: it interleaves whole blocks, so the ratio only holds on average over
+many blocks (with large blocks a 1:1 mix returned one source). Here every source is its own stream
+and a scheduler picks the source of *each* sample.
+
+Scheduler (`RatioScheduler`): the weights are normalised to exact integer ratios a_s / D (decimal
+weights as written, via `Fraction(repr(w))`). Sample j (1-based) of source s has the window
+[⌊(j−1)·D/a_s⌋, ⌈j·D/a_s⌉) of global steps (a "Pfair" window); at each step the scheduler takes,
+among the sources whose next window has opened, the one whose window closes first (earliest
+deadline first; ties → the source listed first). Since Σ a_s / D = 1, EDF meets every window, which
+gives, for every source s and every n:
+
+    |k_s(n) − n·p_s| < 1          (k_s(n): samples of s among the first n, p_s = a_s / D)
+
+and therefore, for every window of N consecutive samples anywhere in the stream,
+
+    |count_s − N·p_s| < 2.
+
+(A bound ≤ 1 for every window is impossible in general for three or more sources.) The state is
+just k_s, so a restored position continues the identical sequence.
+
+Stream (`MixedStream`): each source is re-opened once per pass over it (its "epoch") and shuffled
+through a seeded buffer (seed, source, epoch), so the order is a pure function of the seed and the
+source's own row order. `position` records, per source, samples taken, epoch and offset within the
+epoch; restoring it re-opens each source at its epoch and skips `offset` rows, so a resumed stream
+neither repeats nor skips a sample. It also counts samples per source, task and language.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from math import gcd, lcm
+from typing import Any, Callable, Iterable, Iterator
+
+
+def integer_weights(weights: dict[str, float]) -> dict[str, int]:
+    """{source: w} → the smallest integers with exactly the same ratios (zero weights dropped)."""
+    bad = {k: w for k, w in weights.items() if not (isinstance(w, (int, float)) and w >= 0)}
+    if bad or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"mix weights must be ≥ 0 and not all 0, got {weights}")
+    fracs = {k: Fraction(repr(float(w))) for k, w in weights.items() if w > 0}
+    den = lcm(*(f.denominator for f in fracs.values()))
+    ints = {k: int(f * den) for k, f in fracs.items()}
+    g = 0
+    for v in ints.values():
+        g = gcd(g, v)
+    return {k: v // g for k, v in ints.items()}
+
+
+class RatioScheduler:
+    """Picks the source of each next sample (earliest deadline first over Pfair windows)."""
+
+    def __init__(self, weights: dict[str, float], taken: dict[str, int] | None = None):
+        self.a = integer_weights(weights)
+        self.names = list(self.a)
+        self.total = sum(self.a.values())
+        self.taken = {s: 0 for s in self.names}
+        if taken:
+            unknown = set(taken) - set(self.names)
+            if unknown:
+                raise ValueError(f"position names source(s) {sorted(unknown)} that the mix does not have")
+            self.taken.update(taken)
+        self.step = sum(self.taken.values())
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {s: a / self.total for s, a in self.a.items()}
+
+    def next(self) -> str:
+        best, best_deadline = None, None
+        for s in self.names:
+            k, a = self.taken[s], self.a[s]
+            if (k * self.total) // a > self.step:  # release ⌊k·D/a⌋: the window has not opened yet
+                continue
+            deadline = -((-(k + 1) * self.total) // a)  # ⌈(k+1)·D/a⌉
+            if best is None or deadline < best_deadline:
+                best, best_deadline = s, deadline
+        assert best is not None  # Σ p = 1 guarantees an open window at every step
+        self.taken[best] += 1
+        self.step += 1
+        return best
+
+
+def measure_ratio(picks: Iterable[str], weights: dict[str, float], window: int) -> dict[str, Any]:
+    """How well a sequence of source names honours `weights`.
+
+    Returns shares (achieved over the whole sequence), max_prefix_dev (max over n, s of
+    |k_s(n) − n·p_s|) and max_window_dev (max over every window of `window` consecutive samples of
+    |count_s − window·p_s|), each per source and overall ("max").
+    """
+    a = integer_weights(weights)
+    total = sum(a.values())
+    p = {s: a.get(s, 0) / total for s in weights}
+    picks = list(picks)
+    unknown = set(picks) - set(p)
+    if unknown:
+        raise ValueError(f"picks name source(s) {sorted(unknown)} not in the weights")
+    counts: Counter = Counter()
+    win: Counter = Counter()
+    prefix_dev = {s: 0.0 for s in p}
+    window_dev = {s: 0.0 for s in p}
+    for n, s in enumerate(picks, 1):
+        counts[s] += 1
+        win[s] += 1
+        if n > window:
+            win[picks[n - 1 - window]] -= 1
+        for t in p:
+            prefix_dev[t] = max(prefix_dev[t], abs(counts[t] - n * p[t]))
+            if n >= window:
+                window_dev[t] = max(window_dev[t], abs(win[t] - window * p[t]))
+    n = max(len(picks), 1)
+    return {"n": len(picks), "window": window, "target": p, "shares": {s: counts[s] / n for s in p},
+            "max_prefix_dev": {**prefix_dev, "max": max(prefix_dev.values())},
+            "max_window_dev": {**window_dev, "max": max(window_dev.values())}}
+
+
+# ---------------------------------------------------------------- position
+@dataclass
+class MixPosition:
+    """Where a mixed stream stands; JSON-able (`to_dict`/`from_dict`) for checkpoints."""
+
+    taken: dict[str, int] = field(default_factory=dict)
+    """Samples taken per source since the start (the scheduler's whole state)."""
+    epoch: dict[str, int] = field(default_factory=dict)
+    """Completed passes over each source."""
+    offset: dict[str, int] = field(default_factory=dict)
+    """Samples taken from each source's current pass."""
+    per_task: dict[str, int] = field(default_factory=dict)
+    per_lang: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return sum(self.taken.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"taken": dict(self.taken), "epoch": dict(self.epoch), "offset": dict(self.offset),
+                "per_task": dict(self.per_task), "per_lang": dict(self.per_lang)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MixPosition":
+        return cls(**{k: dict(d.get(k, {})) for k in ("taken", "epoch", "offset", "per_task", "per_lang")})
+
+
+# ---------------------------------------------------------------- sources
+SourceLike = Any
+"""A callable `epoch -> iterable of rows`, an object with `iter_rows()` (a Ray Dataset or
+DataIterator: each call is a new pass), or a re-iterable (a list)."""
+
+
+def _opener(source: SourceLike) -> Callable[[int], Iterable[dict[str, Any]]]:
+    if hasattr(source, "iter_rows"):
+        return lambda epoch: source.iter_rows()
+    if callable(source):
+        return source
+    if isinstance(source, Iterator):
+        raise ValueError("a mix source must be re-iterable (a one-shot iterator cannot start a second epoch); "
+                         "pass a list, a Ray Dataset/DataIterator, or a callable epoch -> rows")
+    return lambda epoch: source
+
+
+def buffer_shuffle(rows: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Streaming shuffle: keep `size` rows, emit a random one as each new row arrives, drain at the end."""
+    it = iter(rows)
+    try:
+        if size <= 1:
+            yield from it
+            return
+        buf: list[Any] = []
+        for row in it:
+            if len(buf) < size:
+                buf.append(row)
+                continue
+            i = rng.randrange(size)
+            yield buf[i]
+            buf[i] = row
+        rng.shuffle(buf)
+        yield from buf
+    finally:  # closing the shuffle closes the source's pipeline too
+        close = getattr(it, "close", None)
+        if close:
+            close()
+
+
+class MixedStream:
+    """An endless stream of rows from several sources, mixed by `weights` (see the module docstring).
+
+    sources: {name: SourceLike}; weights: {name: weight} over the same names (weight 0 = unused).
+    Rows are dicts; `task` and `lang` keys, when present, are counted. Iterate it for rows, or use
+    `iter_batches(batch_size, collate)`. `position` (a MixPosition) is the state after the last row
+    handed out; pass it back as `position=` to continue from there.
+    """
+
+    def __init__(self, sources: dict[str, SourceLike], weights: dict[str, float], seed: int = 0,
+                 shuffle_buffer: int = 0, position: MixPosition | dict | None = None):
+        missing = set(weights) - set(sources)
+        extra = set(sources) - set(weights)
+        if missing or extra:
+            raise ValueError(f"data.mix and the sources differ: weights without a source {sorted(missing)}, "
+                             f"sources without a weight {sorted(extra)}")
+        if isinstance(position, MixPosition):
+            position = position.to_dict()
+        self.position = MixPosition.from_dict(position or {})  # a copy: the caller's object stays as saved
+        self.scheduler = RatioScheduler(weights, self.position.taken)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self._open = {name: _opener(src) for name, src in sources.items() if name in self.scheduler.a}
+        self._iters: dict[str, Iterator[dict[str, Any]]] = {}
+        for name in self._open:
+            self.position.taken.setdefault(name, 0)
+            self.position.epoch.setdefault(name, 0)
+            self.position.offset.setdefault(name, 0)
+
+    def _start(self, name: str) -> Iterator[dict[str, Any]]:
+        """Open `name` at its recorded epoch and skip the rows already taken from that epoch."""
+        epoch = self.position.epoch[name]
+        rng = random.Random(f"{self.seed}/{name}/{epoch}")
+        it = buffer_shuffle(self._open[name](epoch), self.shuffle_buffer, rng)
+        for skipped in range(self.position.offset[name]):
+            if next(it, None) is None:
+                raise ValueError(f"source {name!r} has {skipped} rows in epoch {epoch}, fewer than the "
+                                 f"position's offset {self.position.offset[name]}: did the data change?")
+        return it
+
+    def _next_row(self, name: str) -> dict[str, Any]:
+        if name not in self._iters:
+            self._iters[name] = self._start(name)
+        row = next(self._iters[name], None)
+        if row is None:  # end of a pass: start the next epoch of this source
+            if self.position.offset[name] == 0:
+                raise ValueError(f"source {name!r} yields no rows")
+            self.position.epoch[name] += 1
+            self.position.offset[name] = 0
+            self._iters[name] = self._start(name)
+            row = next(self._iters[name], None)
+            if row is None:
+                raise ValueError(f"source {name!r} yields no rows in epoch {self.position.epoch[name]}")
+        return row
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.next()
+
+    def next(self) -> dict[str, Any]:
+        name = self.scheduler.next()
+        row = self._next_row(name)
+        pos = self.position
+        pos.taken[name] += 1
+        pos.offset[name] += 1
+        task, lang = row.get("task"), row.get("lang")
+        if task is not None:
+            pos.per_task[task] = pos.per_task.get(task, 0) + 1
+        if lang is not None:
+            pos.per_lang[lang] = pos.per_lang.get(lang, 0) + 1
+        return row
+
+    def iter_batches(self, batch_size: int, collate: Callable[[list[dict[str, Any]]], Any] | None = None):
+        """Endless batches of `batch_size` consecutive rows (through `collate` when given)."""
+        while True:
+            rows = [self.next() for _ in range(batch_size)]
+            yield collate(rows) if collate else rows
+
+    def state(self) -> dict[str, Any]:
+        """The position as a JSON-able dict, for a checkpoint."""
+        return self.position.to_dict()
+
+    def close(self) -> None:
+        """Stop the sources' pipelines now rather than at garbage collection."""
+        for it in self._iters.values():
+            close = getattr(it, "close", None)
+            if close:
+                close()
+        self._iters.clear()
+
+    def __enter__(self) -> "MixedStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

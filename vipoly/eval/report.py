@@ -1,0 +1,54 @@
+"""Write suite results as JSON and as Markdown tables (one table per suite kind)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from vipoly.eval.suites import Result
+
+BM25_NOTE = ("BM25 (Okapi, k1=1.5, b=0.75, word tokens; Han characters as unigrams+bigrams) is the lexical bar. "
+             "A tiny model trained from scratch shows the pipeline's mechanics, not retrieval quality, "
+             "which needs pretrained weights.")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: {meta.get('model', '')}", ""]
+    for k in ("created", "task", "limit", "dim"):
+        if meta.get(k) is not None:
+            lines.append(f"- {k}: {meta[k]}")
+    lines.append("")
+    kinds: dict[str, list[Result]] = {}
+    for r in results:
+        kinds.setdefault(r.kind, []).append(r)
+    for kind, rows in kinds.items():
+        metric_names: list[str] = []
+        for r in rows:
+            for m in r.metrics.values():
+                metric_names += [n for n in m if n not in metric_names]
+        lines += [f"## {kind}", "",
+                  "| suite | system | queries | corpus | " + " | ".join(metric_names) + " |",
+                  "|---|---|---:|---:|" + "---:|" * len(metric_names)]
+        for r in rows:
+            for system, m in r.metrics.items():
+                cells = [_fmt(m[n]) if n in m else "" for n in metric_names]
+                lines.append(f"| {r.name} | {system} | {r.n_queries} | {r.corpus_size} | " + " | ".join(cells) + " |")
+        notes = [f"- {r.name}: {r.notes}" for r in rows if r.notes]
+        lines += [""] + notes + ([""] if notes else [])
+    lines.append(BM25_NOTE)
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Sequence[Result], out: str | Path, meta: dict[str, Any]) -> tuple[Path, Path]:
+    """FILE.json (meta + one record per result) and FILE.md beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out if out.suffix == ".json" else out.with_suffix(".json")
+    md_path = json_path.with_suffix(".md")
+    json_path.write_text(json.dumps({**meta, "results": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False))
+    md_path.write_text(markdown(results, meta))
+    return json_path, md_path
