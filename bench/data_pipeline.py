@@ -79,18 +79,26 @@ def line(label: str, n: int, total: float, first: float, base: float | None = No
     return f"  {label:<40} {r:8.0f} samples/s{ratio}   (steady {steady:8.0f}/s; first after {first:5.1f} s; n={n})"
 
 
-def ray_mix_ratio(files: dict[str, list[str]], weights: dict[str, float], window: int) -> dict | None:
-    """Ray's Dataset.mix (where this Ray has it): tag rows by source, mix, measure the windows."""
+def ray_mix_ratio(files: dict[str, list[str]], weights: dict[str, float], window: int,
+                  block_rows: int | None = None) -> dict | None:
+    """Ray's Dataset.mix (where this Ray has it), stopping with the shortest source so that every
+    source is present throughout; rows are tagged by their task and the windows measured."""
     import ray
+    from ray.data import MixStoppingCondition
 
     from vipoly.data.mix import measure_ratio
     from vipoly.data.shards import read_parquet
+    from vipoly.data.stream import count_rows
 
     if not hasattr(ray.data.Dataset, "mix"):
         return None
     names = list(weights)
-    dss = [read_parquet(files[n], columns=["task"]) for n in names]
-    mixed = dss[0].mix(*dss[1:], weights=[weights[n] for n in names])
+    dss = []
+    for n in names:
+        blocks = max(1, count_rows(files[n]) // block_rows) if block_rows else None
+        dss.append(read_parquet(files[n], columns=["task"], override_num_blocks=blocks))
+    mixed = dss[0].mix(*dss[1:], weights=[weights[n] for n in names],
+                       stopping_condition=MixStoppingCondition.STOP_ON_SHORTEST)
     picks = [r["task"] for r in mixed.iter_rows()]
     return measure_ratio(picks, weights, window)
 
@@ -153,13 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  exact-ratio scheduler: max |count - {window}·p| = {ours['max_window_dev']['max']:.2f}, "
           f"max prefix deviation {ours['max_prefix_dev']['max']:.2f} samples")
     all_files = {**task_sources(tmp / "text"), **task_sources(tmp / "image")}
-    theirs = ray_mix_ratio(all_files, weights, window)
-    if theirs is None:
-        print("  Ray Dataset.mix: not in this Ray")
-    else:
+    for blocks, label in ((None, "default blocks"), (256, "256-row blocks")):
+        theirs = ray_mix_ratio(all_files, weights, window, blocks)
+        if theirs is None:
+            print("  Ray Dataset.mix: not in this Ray")
+            break
         shares = ", ".join(f"{k} {v:.3f}" for k, v in theirs["shares"].items())
-        print(f"  Ray Dataset.mix:       max |count - {window}·p| = {theirs['max_window_dev']['max']:.2f} "
-              f"(over {theirs['n']} rows; shares {shares})")
+        print(f"  Ray Dataset.mix, {label}: max |count - {window}·p| = {theirs['max_window_dev']['max']:.2f}, "
+              f"max prefix deviation {theirs['max_prefix_dev']['max']:.1f} samples (over {theirs['n']} rows; "
+              f"shares {shares})")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (numbers from a machine busy with other jobs "
           "are low for the longer pipelines first)")
     ray.shutdown()

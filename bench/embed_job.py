@@ -72,7 +72,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--image-every", type=int, default=4)
     p.add_argument("--num-actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()

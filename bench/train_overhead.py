@@ -45,7 +45,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vipoly-bench-"))
     synthetic(["--out", str(tmp / "data"), "--n", "400", "--seed", "0"])
     build_tiny(tmp / "init", seed=0)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # a fresh instance
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(1)
 

@@ -389,8 +389,10 @@ def run(args: argparse.Namespace) -> dict:
     # Small inputs give an operator fewer blocks than its concurrency cap; Ray warns about each.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
 
+    we_start_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)  # RAY_ADDRESS / `ray job submit` → that cluster
+    check_resources(args, ray.cluster_resources(), strict=we_start_ray)
 
     # Files with the same format and columns are read together (one read, many blocks).
     groups: dict[tuple, list[str]] = {}
@@ -437,6 +439,28 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[embed] {embedded} rows embedded in {seconds:.1f}s ({summary['rows_per_s']:.1f} rows/s); "
           f"{stats['skipped']} already done, {len(errors)} bad → {out_dir / ERRORS}")
     return summary
+
+
+def check_resources(args: argparse.Namespace, cluster: dict, strict: bool) -> None:
+    """Fail (or, on a cluster that may autoscale, warn) when the actors leave no room for the rest.
+
+    Ray Data lists input files in a task that takes 1 whole CPU (not configurable in Ray 2.60); if
+    the actor pools hold more than total − 1 CPUs, the listing never starts and the job hangs."""
+    cpus = args.num_actors * args.cpus_per_actor + args.num_preparers * args.prepare_cpus + 1.0
+    gpus = args.num_actors * args.num_gpus_per_actor
+    problems = []
+    if cpus > cluster.get("CPU", 0):
+        problems.append(f"{args.num_actors} actor(s) × --cpus-per-actor {args.cpus_per_actor} + "
+                        f"{args.num_preparers} preparer(s) × --prepare-cpus {args.prepare_cpus} + 1 CPU for Ray Data's "
+                        f"file listing = {cpus:g} CPUs, the cluster has {cluster.get('CPU', 0):g}")
+    if gpus > cluster.get("GPU", 0):
+        problems.append(f"{args.num_actors} actor(s) × --num-gpus-per-actor {args.num_gpus_per_actor} = {gpus:g} GPUs, "
+                        f"the cluster has {cluster.get('GPU', 0):g}")
+    if problems:
+        msg = "not enough resources: " + "; ".join(problems) + " (lower --num-actors / --cpus-per-actor)"
+        if strict:
+            raise ValueError(msg)
+        print(f"[embed] warning: {msg}; waiting for the cluster to grow", file=sys.stderr)
 
 
 def _merge_side_files(side_dir: Path) -> dict:

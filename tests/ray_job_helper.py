@@ -95,7 +95,10 @@ def start_head(tmp: Path, num_cpus: int = 2, timeout_s: float = 90.0) -> str:
             tail = _tail(tmp / "ray_start.log")
             stop()
             raise RayStartError(f"`ray start` exited with {proc.returncode}:\n{tail}")
-        if http_status(f"{address}/api/jobs/", token.read_text()) == 200:
+        # The job server can answer before the head's raylet has registered; `ray start` prints
+        # this line only once the whole node is up (it exits instead if the node never comes up).
+        if "Ray runtime started." in _tail(tmp / "ray_start.log", 100_000) and \
+                http_status(f"{address}/api/jobs/", token.read_text()) == 200:
             _head["address"] = address
             return address
         time.sleep(0.5)

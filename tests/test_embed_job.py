@@ -169,3 +169,16 @@ def test_bad_input_fails_before_work(tiny_model_dir, inputs, tmp_path):
     with pytest.raises(ValueError, match=r"typed\.parquet: image column 'image' has type list<"):
         run(build_parser().parse_args(["--model", str(tiny_model_dir), "--input", str(typed), "--output", str(out)]))
     assert not out.exists()  # nothing was started
+
+
+def test_resource_check_prevents_a_hang():
+    """On 2 CPUs an actor of 1 CPU + a preparer would leave Ray Data's 1-CPU file listing unscheduled."""
+    args = build_parser().parse_args(["--model", "m", "--input", "x", "--output", "o", "--cpus-per-actor", "1"])
+    with pytest.raises(ValueError, match=r"--cpus-per-actor 1.0 .* = 2.25 CPUs, the cluster has 2"):
+        embed.check_resources(args, {"CPU": 2.0}, strict=True)
+    embed.check_resources(args, {"CPU": 2.0}, strict=False)  # a cluster that may grow: a warning only
+    ok = build_parser().parse_args(["--model", "m", "--input", "x", "--output", "o"])
+    embed.check_resources(ok, {"CPU": 2.0}, strict=True)  # the defaults fit a 2-core machine
+    gpu = build_parser().parse_args(["--model", "m", "--input", "x", "--output", "o", "--num-gpus-per-actor", "1"])
+    with pytest.raises(ValueError, match="GPUs, the cluster has 0"):
+        embed.check_resources(gpu, {"CPU": 16.0}, strict=True)

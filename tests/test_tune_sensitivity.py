@@ -121,7 +121,7 @@ def test_too_few_or_no_trials(tmp_path):
     X, y = random_trials(n=3)
     write_trials(tmp_path, X, y)
     sensitivity.write_report(tmp_path)
-    assert "only 3 usable trials" in (tmp_path / "report.md").read_text()
+    assert "Too few complete trials (3)" in (tmp_path / "report.md").read_text()
     assert sensitivity.main(["--results", str(tmp_path / "nowhere")]) == 2
 
 
@@ -133,3 +133,24 @@ def test_report_without_scikit_learn_falls_back_to_ped_anova(tmp_path, monkeypat
     report = (tmp_path / "report.md").read_text()
     assert "fANOVA skipped: it needs scikit-learn" in report
     assert "- α_instr explains" in report and "(PED-ANOVA, 24 trials)" in report
+
+
+def test_one_at_a_time_curves_in_the_report(tmp_path):
+    X, _ = random_trials(n=8)
+    y = known(X)  # noise-free, so the inert parameter's curve is flat through the centre too
+    write_trials(tmp_path, X, y)
+    rows = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    center = rows[int(np.argmax(y))]
+    for k, name in enumerate(NAMES):
+        r = SPACE[name]
+        for v in r.grid(3):
+            params = {**center["params"], name: v}
+            xv = np.array([[params[n] for n in NAMES]])
+            rows.append({**center, "trial_id": f"oat-{name}-{v:.3g}", "experiment": "oat", "params": params,
+                         "design": ["OAT", k, name, center["trial_id"]], "metrics": {"objective": float(known(xv)[0])}})
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = sensitivity.write_report(tmp_path).read_text()
+    line = next(s for s in report.splitlines() if s.startswith("- One-at-a-time"))
+    assert line.index("α_instr by") < line.index("T by") < line.index("β_balance by")  # largest spread first
+    assert "β_balance by 0.000 (no effect)" in line
+    assert "squares: one-at-a-time curves" in report

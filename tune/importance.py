@@ -49,11 +49,9 @@ def _check(X: np.ndarray, y: np.ndarray, space: Mapping[str, Range], minimum: in
 
 
 def fanova_available() -> bool:
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("sklearn") is not None
 
 
 def fanova(X: np.ndarray, y: np.ndarray, space: Mapping[str, Range], seed: int = 0) -> dict[str, float]:

@@ -92,8 +92,7 @@ def analyse(rows: list[dict], space: dict[str, Range], metric: str, searcher: st
     out: dict[str, Any] = {"names": names, "X": X, "y": obj, "n": len(rows), "notes": [], "importance": {},
                            "per_task": {}, "curves": {}}
     if len(rows) < MIN_TRIALS:
-        out["notes"].append(f"only {len(rows)} usable trials: importances need at least {MIN_TRIALS}")
-        return out
+        return out  # summary() says so
     if imp.fanova_available():
         out["importance"]["fANOVA"] = imp.fanova(X, obj, space)
     else:
@@ -127,7 +126,7 @@ def summary(a: dict[str, Any], what: str) -> list[str]:
     lines = []
     main = a["importance"].get("fANOVA") or a["importance"].get("Sobol total") or a["importance"].get("PED-ANOVA")
     if not main:
-        return [f"Too few trials to say what matters ({a['n']})."]
+        return [f"Too few complete trials ({a['n']}) to rank the parameters (importances need ≥ {MIN_TRIALS})."]
     method = next(m for m in ("fANOVA", "Sobol total", "PED-ANOVA") if a["importance"].get(m) is main)
     ranked = sorted(main.items(), key=lambda kv: -kv[1])
     (p1, v1) = ranked[0]
@@ -155,12 +154,27 @@ def summary(a: dict[str, Any], what: str) -> list[str]:
 
 
 def _oat(rows: list[dict], names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    out = {}
+    """{parameter: (values, objective)} of the one-at-a-time runs, the centre trial included."""
+    by_id = {r["trial_id"]: r for r in rows}
+    out: dict[str, list] = {}
     for r in rows:
         d = r.get("design") or []
-        if len(d) == 3 and d[0] == "OAT" and r["status"] == "complete" and d[2] in names:
+        if len(d) >= 3 and d[0] == "OAT" and r["status"] == "complete" and d[2] in names:
             out.setdefault(d[2], []).append((r["params"][d[2]], r["metrics"]["objective"]))
-    return {n: tuple(np.array(v) for v in zip(*sorted(pts))) for n, pts in out.items()}
+            center = by_id.get(d[3]) if len(d) > 3 else None
+            if center is not None and "objective" in center["metrics"]:
+                out[d[2]].append((center["params"][d[2]], center["metrics"]["objective"]))
+    return {n: tuple(np.array(v) for v in zip(*sorted(set(pts)))) for n, pts in out.items()}
+
+
+def oat_summary(oat: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Plain-language lines from the one-at-a-time curves: how far each parameter moves the objective."""
+    if not oat:
+        return []
+    spread = sorted(((float(np.ptp(y)), n, x[np.argmax(y)]) for n, (x, y) in oat.items()), reverse=True)
+    parts = [f"{label(n)} by {s:.3f} " + (f"(best at {xb:.4g})" if s > 0 else "(no effect)") for s, n, xb in spread]
+    return ["One-at-a-time around the best trial, across its range each parameter moves the objective: "
+            + "; ".join(parts) + "."]
 
 
 def write_report(root: str | Path, all_trials: bool = False) -> Path:
@@ -184,14 +198,15 @@ def write_report(root: str | Path, all_trials: bool = False) -> Path:
     if a is None:
         lines += ["No usable trials yet."]
     else:
-        lines += ["## Summary", ""] + [f"- {s}" for s in summary(a, what)] + [""]
+        oat = _oat(rows, a["names"])
+        lines += ["## Summary", ""] + [f"- {s}" for s in summary(a, what) + oat_summary(oat)] + [""]
         lines += [f"- Note: {n}." for n in a["notes"]] + ([""] if a["notes"] else [])
         best = int(np.argmax(a["y"]))
         lines += ["## Best trial", "", f"`{search[best]['trial_id']}`: objective {a['y'][best]:.4f} with "
                   + ", ".join(f"{label(n)} = {search[best]['params'][n]:.4g}" for n in a["names"]), ""]
         top = sorted(range(len(search)), key=lambda k: -a["y"][k])[:5]
         tasks = [t for t in TASKS if f"heldout/{t}/{metric}" in search[0]["metrics"]]
-        lines += ["## Top trials", "", f"| trial | objective | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        lines += ["## Top trials", "", "| trial | objective | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         for k in top:
             m = search[k]["metrics"]
             lines.append(f"| `{search[k]['trial_id']}` | {a['y'][k]:.4f} | "
@@ -218,7 +233,6 @@ def write_report(root: str | Path, all_trials: bool = False) -> Path:
             plots.heatmap(a["per_task"], f"Importance per task ({a['per_task_method']}, {metric})",
                           plots_dir / "importance_per_task.png")
             lines += ["", "![per task](plots/importance_per_task.png)", ""]
-        oat = _oat(rows, a["names"])
         plots.scatter_grid(a["X"], a["y"], a["names"], what, plots_dir / "metric_vs_params.png",
                            curves=a["curves"], best=best, extra=oat)
         lines += ["## The objective against each parameter", "",

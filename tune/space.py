@@ -198,13 +198,15 @@ def sobol_design(space: Mapping[str, Range], n: int, seed: int = 0) -> list[dict
     return out
 
 
-def oat_points(space: Mapping[str, Range], center: Mapping[str, float], n: int) -> list[dict[str, Any]]:
-    """One-at-a-time curves: for each parameter, n values across its range with the others at `center`."""
+def oat_points(space: Mapping[str, Range], center: Mapping[str, float], n: int,
+               center_id: str | None = None) -> list[dict[str, Any]]:
+    """One-at-a-time curves: for each parameter, n values across its range with the others at
+    `center`; each point is tagged `_design` = ["OAT", i, name, center_id]."""
     out = []
     for i, name in enumerate(space):
         for v in space[name].grid(n):
             p = {k: float(center[k]) for k in space}
             p[name] = v
-            p["_design"] = ["OAT", i, name]
+            p["_design"] = ["OAT", i, name, center_id]
             out.append(p)
     return out

@@ -92,7 +92,7 @@ def run_oat(root: Path, n: int) -> list[dict]:
     if top is None:
         raise ValueError(f"{root}: no complete search trial to centre the one-at-a-time curves on")
     space = resolve_space(harness.sweep.params)
-    points = oat_points(space, top["params"], n)
+    points = oat_points(space, top["params"], n, center_id=top["trial_id"])
     inits = build_inits(cfg, root, [cfg.train.seed])
     print(f"one-at-a-time: {len(points)} trials around trial {top['trial_id']}", flush=True)
     grid = run_experiment(job(harness, cfg, root, "oat", inits, None), param_space=fixed_points(points),
