@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tune.space import Range
 
 
 def _plt():
@@ -54,9 +57,11 @@ def importance_bars(importances: Mapping[str, Mapping[str, float]], title: str, 
 
 def scatter_grid(X: np.ndarray, y: np.ndarray, names: Sequence[str], ylabel: str, out: Path,
                  curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
-                 best: int | None = None, extra: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+                 best: int | None = None, extra: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 ranges: Mapping[str, "Range"] | None = None) -> Path:
     """The metric against each parameter: trials as dots, the binned mean E[y | x] as a line,
-    the best trial circled, and one-at-a-time curves (`extra`) where trained."""
+    the best trial circled, and one-at-a-time curves (`extra`) where trained; x axes span each
+    parameter's searched range (log-scaled where it was searched on a log scale)."""
     plt = _plt()
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
@@ -72,6 +77,12 @@ def scatter_grid(X: np.ndarray, y: np.ndarray, names: Sequence[str], ylabel: str
             ax.plot(*extra[name], "s--", color="C2", ms=4, lw=1.2, label="one-at-a-time")
         if best is not None:
             ax.scatter([X[best, k]], [y[best]], s=80, facecolors="none", edgecolors="red", label="best")
+        if ranges and name in ranges:
+            r = ranges[name]
+            if r.log:
+                ax.set_xscale("log")
+            pad = 0.0 if r.log else 0.03 * (r.high - r.low)
+            ax.set_xlim(r.low - pad, r.high + pad)
         ax.set_xlabel(label(name))
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)

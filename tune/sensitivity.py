@@ -98,6 +98,9 @@ def analyse(rows: list[dict], space: dict[str, Range], metric: str, searcher: st
     else:
         out["notes"].append("fANOVA skipped: it needs scikit-learn (pip install scikit-learn)")
     out["importance"]["PED-ANOVA"] = imp.ped_anova(X, obj, space)
+    if len(rows) < 10:
+        out["notes"].append(f"{len(rows)} complete trials: take the ranking as a hint (the estimators fit very few "
+                            "points); more trials or a Sobol design give firmer numbers")
     top_n = int(np.ceil(0.25 * len(rows)))
     if top_n < 5:
         out["notes"].append(f"PED-ANOVA's top quartile holds {top_n} trials (it is steadier with ≥ 5)")
@@ -115,7 +118,8 @@ def analyse(rows: list[dict], space: dict[str, Range], metric: str, searcher: st
         if key == "objective":
             continue
         y = np.array([r["metrics"][key] for r in rows], float)
-        out["per_task"][name] = (imp.fanova if per_task_method == "fANOVA" else imp.ped_anova)(X, y, space)
+        values = (imp.fanova if per_task_method == "fANOVA" else imp.ped_anova)(X, y, space)
+        out["per_task"][name] = {n: values.get(n, 0.0) for n in names}  # fixed column order across tasks
     for k, n in enumerate(names):
         out["curves"][n] = imp.partial_dependence(X[:, k], obj, bins=min(5, max(2, len(rows) // 4)))
     return out
@@ -141,7 +145,8 @@ def summary(a: dict[str, Any], what: str) -> list[str]:
         lines.append(f"Next: {rest}.")
     small = [label(p) for p, v in ranked if v < 0.05]
     if small:
-        lines.append(f"Within their ranges, {', '.join(small)} hardly matter (< 5% each).")
+        verb = "hardly matters (< 5%)" if len(small) == 1 else "hardly matter (< 5% each)"
+        lines.append(f"Within {'its range' if len(small) == 1 else 'their ranges'}, {', '.join(small)} {verb}.")
     other = [m for m in a["importance"] if m != method and not m.startswith("Sobol first")]
     for m in other:
         first = max(a["importance"][m].items(), key=lambda kv: kv[1])[0]
@@ -234,7 +239,7 @@ def write_report(root: str | Path, all_trials: bool = False) -> Path:
                           plots_dir / "importance_per_task.png")
             lines += ["", "![per task](plots/importance_per_task.png)", ""]
         plots.scatter_grid(a["X"], a["y"], a["names"], what, plots_dir / "metric_vs_params.png",
-                           curves=a["curves"], best=best, extra=oat)
+                           curves=a["curves"], best=best, extra=oat, ranges=space)
         lines += ["## The objective against each parameter", "",
                   "Dots: trials; line: binned mean ± std over the trials"
                   + ("; squares: one-at-a-time curves through the best point" if oat else

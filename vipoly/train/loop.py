@@ -188,8 +188,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         if save or done == total or stopped:
             extra.update(bad_in_row=bad_in_row, bad_total=bad_total, seen=seen.tolist())
             _checkpoint(ctx, engine, weighter, stream, done, epoch, extra, initial_proj, strategic, run_dir)
-        elif ctx.use_ray and done % tcfg.log_every == 0:
-            ctx.report({"step": done, "loss": g_loss})
+        # Ray Train's report is a barrier across workers (≈0.2–2 s): report with checkpoints only;
+        # per-step numbers go to metrics.jsonl and wandb.
         if stopped:
             break
         if cfg.debug.fail_at_step == done and ctx.rank == cfg.debug.fail_rank:
