@@ -28,7 +28,8 @@ def make_rows(n: int, image_every: int) -> list[dict]:
     from PIL import Image
 
     files = ["newstest2019-ref.vie.txt", "newstest2019-src.eng.txt", "newstest2019-ref.zho-CN.txt"]
-    lines = [line for f in files for line in (EVAL / "ntrex128" / f).read_text(encoding="utf-8").split("\n")]
+    lines = [line.strip() for f in files for line in (EVAL / "ntrex128" / f).read_text(encoding="utf-8").split("\n")]
+    lines = [line for line in lines if line]
     rows = []
     for i in range(n):
         image = None
@@ -90,7 +91,8 @@ def main() -> int:
     data = tmp / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(make_rows(args.rows, args.image_every)), data, row_group_size=256)
 
-    base = baseline(model_dir, data, args.batch_size)
+    load_before = os.getloadavg()[0]
+    base_before = baseline(model_dir, data, args.batch_size)
 
     from pipelines.embed import build_parser, run
 
@@ -104,11 +106,15 @@ def main() -> int:
     total = time.perf_counter() - t0
     ray.shutdown()
     assert summary["embedded"] == args.rows, summary
+    # The baseline runs before and after the job: on a shared machine the spread shows the noise.
+    base_after = baseline(model_dir, data, args.batch_size)
+    base = (base_before + base_after) / 2
 
     ours, ours_total = summary["rows_per_s"], args.rows / total
     print(f"\nrows={args.rows} (1 in {args.image_every} with an image), batch={args.batch_size}, "
-          f"actors={args.num_actors}, cpus/actor={args.cpus_per_actor}, cores={os.cpu_count()}, model={model_dir.name}")
-    print(f"baseline  plain encode loop, one process : {base:8.1f} rows/s")
+          f"actors={args.num_actors}, cpus/actor={args.cpus_per_actor}, cores={os.cpu_count()}, model={model_dir.name}, "
+          f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")
+    print(f"baseline  plain encode loop, one process : {base:8.1f} rows/s   (before {base_before:.1f}, after {base_after:.1f})")
     print(f"ours      Ray Data job (execution)       : {ours:8.1f} rows/s   ratio {ours / base:.2f}")
     print(f"ours      Ray Data job (incl. ray.init)  : {ours_total:8.1f} rows/s   ratio {ours_total / base:.2f}")
     return 0

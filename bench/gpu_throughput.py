@@ -12,7 +12,8 @@ Both paths share one random-init model with the published Qwen2-VL-2B architectu
   `PolyEmbedder` (attention pooling + projection in float32, InfoNCE on the embeddings), varlen
   FlashAttention (the flash_attn package where importable, else PyTorch's own), fused AdamW;
   optionally gradient checkpointing (`--gc`: on every training workload; the baseline's
-  checkpointed workloads are also run without it) and `torch.compile` of the decoder layers.
+  checkpointed workloads are also run without it) and `torch.compile` of the decoder layers and
+  vision blocks (`PolyEmbedder.compile_layers`, what `train.compile` and `embed --compile` turn on).
 Model FLOPs are 6N per trained and 2N per embedded real token (N: 1.31B language, non-embedding,
 + 0.67B vision parameters per patch), as in the baseline, so TFLOP/s ratios are speed ratios.
 Prints one table (tokens/s, samples/s, TFLOP/s, fraction of the bf16 matmul rate measured in the
@@ -44,7 +45,7 @@ from vipoly.config import ModelConfig, PoolingConfig, ProjectionConfig  # noqa: 
 from vipoly.losses import infonce  # noqa: E402
 from vipoly.model.backbone import ImageProcessor, ImageTextProcessor  # noqa: E402
 from vipoly.model.embedder import PolyEmbedder  # noqa: E402
-from vipoly.model.packing import VARLEN, pack_rows, register_varlen_attention, varlen_available  # noqa: E402
+from vipoly.model.packing import VARLEN, pack_rows, register_varlen_attention, varlen_available, varlen_implementations  # noqa: E402
 from vipoly.model.tiny import corpus, train_tokenizer  # noqa: E402
 
 TINY = os.environ.get("TINY") == "1"
@@ -259,6 +260,11 @@ def choose_attention(requested: str) -> str:
     return "sdpa"  # CPU: packed batches with a block-diagonal mask
 
 
+def set_attention(model, attention: str) -> None:
+    """`attention` on the language model; with VARLEN the vision tower takes the varlen kernel too."""
+    model.backbone.set_attn_implementation(varlen_implementations(model.backbone) if attention == VARLEN else attention)
+
+
 def check_packed_equals_padded(model, attention: str) -> dict:
     """Our embeddings of the same documents, padded through SDPA vs packed through `attention`
     (eval mode, this run's dtype): the GPU-side check of what tests/test_packing.py shows on CPU."""
@@ -270,7 +276,7 @@ def check_packed_equals_padded(model, attention: str) -> dict:
             with torch.no_grad():
                 model.backbone.set_attn_implementation("sdpa")
                 a = model(**padded).embedding
-                model.backbone.set_attn_implementation(attention)
+                set_attention(model, attention)
                 b = model(**inputs["packed"]).embedding
             out[w.name] = {"max_abs_diff": float(f"{(a - b).abs().max().item():.3g}"),
                            "min_cosine": round(F.cosine_similarity(a, b, dim=-1).min().item(), 5)}
@@ -278,15 +284,6 @@ def check_packed_equals_padded(model, attention: str) -> dict:
             traceback.print_exc()
             out[w.name] = {"error": repr(e)[:300]}
     return out
-
-
-def compile_layers(model) -> None:
-    """torch.compile each language-model decoder layer and each vision MLP (their elementwise work
-    fuses); the vision attention's per-image split would only break graphs, so it stays eager."""
-    for layer in model.backbone.language_model.layers:
-        layer.compile()
-    for block in model.backbone.visual.blocks:
-        block.mlp.compile()
 
 
 # ---------------------------------------------------------------- main
@@ -336,12 +333,12 @@ def main(argv=None) -> dict:
     res["check_packed_vs_padded"] = check_packed_equals_padded(model.eval(), attention)
     print(f"packed ({attention}) vs padded (sdpa) embeddings: {res['check_packed_vs_padded']}", flush=True)
     model.train()
-    model.backbone.set_attn_implementation(attention)
+    set_attention(model, attention)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
     variants = [("ours", False)] + ([("ours+compile", True)] if args.compile else [])
     for label, compiled in variants:
         if compiled:
-            compile_layers(model)
+            model.compile_layers()
         for w in workloads:
             checkpoint_options = [w.gc or args.gc] + ([False] if w.train and (w.gc or args.gc) else [])
             for gc in checkpoint_options:

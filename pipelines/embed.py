@@ -295,13 +295,16 @@ def _decode(image):
 class Embedder:
     """One PolyEmbedder per actor, loaded once; pads prepared rows and runs the forward pass."""
 
-    def __init__(self, model_dir: str, overrides: dict, model_name: str, dim: int | None, threads: int):
+    def __init__(self, model_dir: str, overrides: dict, model_name: str, dim: int | None, threads: int,
+                 compile_layers: bool = False):
         import torch
 
         from vipoly.eval.loading import load_for_inference
 
         torch.set_num_threads(threads)  # fractional-CPU actors must not each spawn a thread per core
         self.model = load_for_inference(model_dir, overrides, "cuda" if torch.cuda.is_available() else "cpu")
+        if compile_layers:
+            self.model.compile_layers()
         self.name, self.dim = model_name, dim or self.model.embedding_dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -321,7 +324,9 @@ class Embedder:
         emb = np.empty((len(rows), self.dim), dtype=np.float32)
         if rows:
             model = self.model
-            inputs = {k: v.to(model.device) for k, v in model.inputs.pad(rows).items()}
+            # packed (no padding) where the attention is a varlen kind, as `encode` does
+            collate = model.inputs.pack if model.packs_by_default else model.inputs.pad
+            inputs = {k: v.to(model.device) for k, v in collate(rows).items()}
             # the same autocast as `encode` (bf16 on a GPU), so the vectors match it
             autocast = getattr(model, "_inference_autocast", contextlib.nullcontext)
             with torch.no_grad(), autocast():
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent normalize / write tasks (with fractional CPUs Ray would start a process per task)")
     p.add_argument("--prepare-cpus", type=float, default=0.25, help="CPUs reserved per read/prepare task or actor")
     p.add_argument("--batch-size", type=int, default=64, help="rows per actor call (and per encode batch)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model layer in the actors (GPU: about 1.4x the eager rate "
+                        "after a minute of compiling; see docs/benchmarks.md)")
     add_config_args(p)  # model.{attn_implementation,dtype,max_length,image_*_pixels} apply; see vipoly.eval.loading
     return p
 
@@ -419,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
     threads = max(1, int(round(args.cpus_per_actor)))
     ds = ds.map_batches(
         Embedder, batch_format="pyarrow", batch_size=args.batch_size,
-        fn_constructor_args=(str(model_dir.resolve()), overrides, model_name, args.dim, threads),
+        fn_constructor_args=(str(model_dir.resolve()), overrides, model_name, args.dim, threads, args.compile),
         compute=ray.data.ActorPoolStrategy(size=args.num_actors),
         num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor)
     t0 = time.perf_counter()

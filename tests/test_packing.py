@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vipoly.config import PoolingConfig, PoolingKind
+from vipoly.config import ModelConfig, PoolingConfig, PoolingKind
 from vipoly.losses import dle_loss
 from vipoly.model import PolyEmbedder, build_pooling
-from vipoly.model.packing import (VARLEN, attention_inputs, mrope_positions, pool_packed, segment_softmax,
-                                  unpack)
+from vipoly.model import packing
+from vipoly.model.backbone import resolve_attn_implementation
+from vipoly.model.packing import (VARLEN, VISION_VARLEN, attention_inputs, mrope_positions, pool_packed,
+                                  segment_softmax, unpack)
 from vipoly.tasks import TASKS
 
 TEXTS = ["Xin chào thế giới, hôm nay trời đẹp quá.", "Hello", "你好，世界！今天天气很好。",
@@ -166,25 +168,52 @@ def test_dle_loss_and_gradients_equal_padded(tiny_model_dir, attention):
         torch.testing.assert_close(grads_pack[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_varlen_attention_keeps_padded_batches_and_the_vision_tower_on_sdpa(tiny_model_dir, tiny_model):
+def test_varlen_attention_keeps_padded_batches_on_sdpa_and_runs_images_in_one_call(tiny_model_dir, tiny_model,
+                                                                                     monkeypatch):
     model = PolyEmbedder.from_pretrained(tiny_model_dir).eval()
     model.use_varlen_attention()
     assert model.backbone.language_model.config._attn_implementation == VARLEN
+    assert model.backbone.visual.config._attn_implementation == VISION_VARLEN
+    assert model.packs_by_default and not tiny_model.packs_by_default
+    calls = []
+    reference_kernel = packing._varlen_reference
+
+    def spy(q, k, v, cu, scale, causal):
+        calls.append((causal, len(cu) - 1))
+        return reference_kernel(q, k, v, cu, scale, causal)
+
+    monkeypatch.setattr(packing, "_varlen_reference", spy)
     for kind in ("text", "mixed"):
         rows = rows_of(model, kind)
         reference, _ = _pair(tiny_model, rows)
         padded, packed = _pair(model, rows)
         torch.testing.assert_close(padded.embedding, reference.embedding, atol=1e-6, rtol=0)
         torch.testing.assert_close(packed.embedding, reference.embedding, atol=1e-4, rtol=0)
+    n_images = sum(len(r["image_grid_thw"]) for r in rows_of(model, "mixed") if "image_grid_thw" in r)
+    layers = model.backbone.config.vision_config.depth
+    # every image of a batch in one non-causal call per vision layer (padded and packed batches alike)
+    assert n_images > 1 and calls.count((False, n_images)) == 2 * layers
+    assert all(n == n_images for causal, n in calls if not causal)
 
 
-def test_attention_inputs_per_kind():
-    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
-    assert attention_inputs("sdpa", cu, ["full_attention"]) == (None, {})
-    mask, kwargs = attention_inputs("flash_attention_2", cu, ["full_attention", "full_attention"])
-    assert mask == {"full_attention": None}
-    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
-    assert torch.equal(kwargs["cu_seq_lens_q"], cu) and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+def test_varlen_attention_from_the_config(tiny_model_dir, tiny_model):
+    model = PolyEmbedder.from_pretrained(tiny_model_dir, ModelConfig(attn_implementation=VARLEN)).eval()
+    assert model.backbone.language_model.config._attn_implementation == VARLEN
+    assert model.backbone.visual.config._attn_implementation == VISION_VARLEN
+    texts, images = KINDS["mixed"]
+    np.testing.assert_allclose(model.encode(texts, images), tiny_model.encode(texts, images, packed=False), atol=1e-4)
+    assert resolve_attn_implementation(VARLEN) == VARLEN
+    if not torch.cuda.is_available():
+        assert resolve_attn_implementation("auto") == "sdpa"
+
+
+def test_compiled_layers_give_the_same_embeddings_and_names(tiny_model_dir, tiny_model):
+    model = PolyEmbedder.from_pretrained(tiny_model_dir, ModelConfig(attn_implementation=VARLEN)).eval()
+    names = [n for n, _ in model.named_parameters()]
+    model.compile_layers()
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints load either way
+    texts, images = KINDS["mixed"]
+    np.testing.assert_allclose(model.encode(texts, images), tiny_model.encode(texts, images, packed=False), atol=1e-4)
 
 
 # ---------------------------------------------------------------- segment arithmetic

@@ -69,8 +69,10 @@ class ModelConfig(Strict):
     """Hub id or local folder of a Qwen2-VL checkpoint (or a PolyEmbedder directory)."""
     pooling: PoolingConfig = PoolingConfig()
     projection: ProjectionConfig = ProjectionConfig()
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """`auto`: FlashAttention-2 where installed and on GPU, SDPA otherwise."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "vipoly_varlen"] = "auto"
+    """`auto` on a GPU: FlashAttention-2 where flash_attn is installed, else PyTorch's varlen
+    FlashAttention (`vipoly_varlen`, torch ≥ 2.9); SDPA on CPU. The varlen kinds run packed batches
+    without any mask (padded batches go through SDPA)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Backbone weight dtype: float32 for training under bf16 autocast, bfloat16 to serve on a GPU.
     Pooling and projection always compute in float32."""
@@ -215,6 +217,9 @@ class TrainConfig(Strict):
     packed_sequences: bool = False
     """Concatenate a micro-batch's documents into one row with no padding (per-document positions
     and attention); pays off with FlashAttention varlen on GPU, equal results on CPU."""
+    compile: bool = False
+    """torch.compile each decoder layer and vision block (fuses their elementwise work): about
+    1.5× the eager step on an H100 (docs/benchmarks.md); costs a minute of compiling at the start."""
     strategy: Strategy = Strategy.DDP
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

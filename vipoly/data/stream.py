@@ -54,14 +54,15 @@ def ray_source(files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0
     """A source for MixedStream: `epoch -> rows` via a fresh Ray Data pipeline per epoch.
 
     With `model_dir`, rows are encoded (query and positive through the model's InputBuilder) in a
-    Ray Data stage; without, they are canonical rows. Blocks hold about `block_rows` rows: a whole
-    file as one block would make the first encoded row wait for the whole file's encoding.
+    Ray Data stage; without, they are canonical rows. When encoding, blocks hold about
+    `block_rows` rows: a whole file as one block would make the first encoded row wait for the
+    whole file's encoding (plain reads keep Ray's larger blocks, which are cheaper per row).
     """
     if not files:
         raise ValueError("ray_source: no files")
     if not 0 <= rank < world:
         raise ValueError(f"worker rank {rank} outside [0, {world})")
-    num_blocks = max(len(files), -(-count_rows(files) // block_rows))
+    num_blocks = max(len(files), -(-count_rows(files) // block_rows)) if model_dir is not None else None
 
     def open_epoch(epoch: int) -> Iterable[dict[str, Any]]:
         order = list(files)

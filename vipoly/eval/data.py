@@ -52,8 +52,11 @@ def load_squad(path: str | Path) -> Squad:
 
 # ------------------------------------------------------------------ line-aligned text
 def load_lines(path: str | Path) -> list[str]:
+    """Lines of a text file without their line ends (\n or \r\n; NTREX uses \r\n). Only these two
+    split lines: str.splitlines would also split at U+2028 or U+0085 inside a sentence and
+    shift every later line out of alignment."""
     p = _existing(path, "text file")
-    return p.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    return [line.removesuffix("\r") for line in p.read_text(encoding="utf-8").removesuffix("\n").split("\n")]
 
 
 def load_aligned(paths: list[str]) -> list[list[str]]:
@@ -124,7 +127,7 @@ def load_xnli(path: str | Path) -> tuple[list[str], list[str], list[str]]:
     """premise, hypothesis, label columns of an XNLI TSV (no header)."""
     p = _existing(path, "XNLI file")
     prem, hyp, label = [], [], []
-    for i, line in enumerate(p.read_text(encoding="utf-8").rstrip("\n").split("\n"), 1):
+    for i, line in enumerate(load_lines(p), 1):
         cols = line.split("\t")
         if len(cols) != 3 or cols[2] not in XNLI_GRADE:
             raise ValueError(f"{p}:{i}: expected premise<TAB>hypothesis<TAB>{'|'.join(XNLI_GRADE)}")

@@ -45,12 +45,15 @@ class ImageTextProcessor(Qwen2VLProcessor):
 
 
 def resolve_attn_implementation(name: str) -> str:
-    """`auto` → FlashAttention-2 where the package is importable and a CUDA device exists, else SDPA."""
+    """`auto` on a CUDA device → FlashAttention-2 where the flash_attn package is importable, else
+    PyTorch's own varlen FlashAttention (packing.VARLEN) where this torch has it; SDPA otherwise."""
     if name != "auto":
         return name
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    from vipoly.model.packing import VARLEN, varlen_available
+
+    return VARLEN if varlen_available() else "sdpa"
 
 
 @contextlib.contextmanager
@@ -85,13 +88,19 @@ def save_processor(processor: ImageTextProcessor, out_dir: str | Path) -> None:
 
 def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: str = "float32") -> Qwen2VLModel:
     """The bare Qwen2-VL model (vision tower + language model) in `dtype` with the resolved attention."""
+    from vipoly.model.packing import VARLEN, varlen_implementations
+
     attn = resolve_attn_implementation(attn_implementation)
     try:
         with quiet_progress():
-            model = Qwen2VLModel.from_pretrained(str(source), attn_implementation=attn, dtype=DTYPES[dtype])
+            # The varlen kernel is switched on after loading: it needs one name per sub-model.
+            model = Qwen2VLModel.from_pretrained(str(source), attn_implementation="sdpa" if attn == VARLEN else attn,
+                                                 dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise ValueError(f"model.backbone {str(source)!r}: cannot load a Qwen2-VL model "
                          f"({str(e).splitlines()[0]})") from e
+    if attn == VARLEN:
+        model.set_attn_implementation(varlen_implementations(model))
     log.info("backbone %s: %s, attention=%s, dtype=%s", source, type(model).__name__, attn, dtype)
     return model
 

@@ -34,7 +34,7 @@ from transformers import Qwen2VLModel
 from vipoly.config import ModelConfig
 from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
 from vipoly.model.inputs import META_FILE, InputBuilder, decode_image
-from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, register_varlen_attention, unpack
+from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, unpack, varlen_implementations
 from vipoly.model.pooling import build_pooling
 from vipoly.model.projection import ProjectionHead, matryoshka
 from vipoly.tasks import TASKS, check_task, prefix
@@ -121,6 +121,23 @@ class PolyEmbedder(nn.Module):
         else:
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    @property
+    def packs_by_default(self) -> bool:
+        """Whether the language model's attention is a varlen FlashAttention kind, whose packed
+        batches cost nothing extra (SDPA's would need a T×T mask): then inference packs."""
+        return self.backbone.language_model.config._attn_implementation in FLASH_IMPLEMENTATIONS
+
+    def compile_layers(self) -> None:
+        """torch.compile each language-model decoder layer and each vision block in place (their
+        elementwise work fuses; the layer boundaries keep graphs small and shared by all layers).
+        A vision tower on SDPA splits its attention per image, which only breaks graphs: there only
+        the MLPs are compiled. The state-dict names do not change."""
+        for layer in self.backbone.language_model.layers:
+            layer.compile()
+        whole = "flash" in (self.backbone.visual.config._attn_implementation or "")
+        for block in self.backbone.visual.blocks:
+            (block if whole else block.mlp).compile()
+
     # ------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -186,8 +203,8 @@ class PolyEmbedder(nn.Module):
 
     def use_varlen_attention(self) -> None:
         """Switch the backbone to PyTorch's varlen FlashAttention for packed batches (SDPA for all
-        else); see packing.VARLEN. For GPUs without the flash_attn package."""
-        self.backbone.set_attn_implementation(register_varlen_attention())
+        else) and for the vision tower; see packing.VARLEN. For GPUs without the flash_attn package."""
+        self.backbone.set_attn_implementation(varlen_implementations(self.backbone))
 
     # ------------------------------------------------------------ encode
     @torch.no_grad()
@@ -210,9 +227,7 @@ class PolyEmbedder(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         out = np.empty((len(rows), dim or self.embedding_dim), dtype=np.float32)
-        if packed is None:
-            packed = self.backbone.language_model.config._attn_implementation in FLASH_IMPLEMENTATIONS
-        collate = self.inputs.pack if packed else self.inputs.pad
+        collate = self.inputs.pack if (self.packs_by_default if packed is None else packed) else self.inputs.pad
         # Rows are prepared and sorted a window at a time, so the decoded pixels held in memory stay
         # bounded however many images are passed.
         window = batch_size * 16

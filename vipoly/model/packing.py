@@ -41,6 +41,10 @@ from vipoly.model.pooling import AttentionPooling, LastTokenPooling, MeanPooling
 VARLEN = "vipoly_varlen"
 """Attention implementation name for PyTorch's varlen FlashAttention (see `register_varlen_attention`)."""
 
+VISION_VARLEN = "vipoly_flash_varlen"
+"""The same kernel under a name with "flash" in it: transformers then sends Qwen2-VL's vision tower
+down its cu_seqlens path (one varlen call per layer) instead of one SDPA call per image."""
+
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", VARLEN)
 """Implementations that take `cu_seqlens` (no T×T mask) for a packed batch."""
 
@@ -241,15 +245,16 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if query.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
-        extra = {}
+        params = inspect.signature(varlen_attn).parameters
+        # torch 2.10 takes is_causal; later versions a (left, right) window, (-1, 0) being causal.
+        extra = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
         if groups > 1:
-            if "enable_gqa" in inspect.signature(varlen_attn).parameters:  # torch ≥ 2.12
+            if "enable_gqa" in params:  # torch ≥ 2.12
                 extra["enable_gqa"] = True
             else:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         longest = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling,
-                          window_size=(-1, 0) if causal else (-1, -1), **extra)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
     else:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -258,13 +263,25 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
 
 
 def register_varlen_attention() -> str:
-    """Make `VARLEN` a valid `attn_implementation` (attention function + SDPA's mask builder); idempotent."""
+    """Make `VARLEN` and `VISION_VARLEN` valid `attn_implementation`s (attention function + SDPA's
+    mask builder); idempotent. Returns VARLEN."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+    for name in (VARLEN, VISION_VARLEN):
+        AttentionInterface.register(name, varlen_attention_forward)
+        AttentionMaskInterface.register(name, sdpa_mask)
     return VARLEN
+
+
+def varlen_implementations(backbone: nn.Module) -> str | dict[str, str]:
+    """What `set_attn_implementation` takes to run `backbone` on the varlen kernel: VARLEN for the
+    language model, VISION_VARLEN for a vision tower (whose sub-config is "vision_config")."""
+    register_varlen_attention()
+    sub_configs = getattr(backbone.config, "sub_configs", {}) or {}
+    if "vision_config" not in sub_configs:
+        return VARLEN
+    return {"": VARLEN, **{name: VISION_VARLEN if name == "vision_config" else VARLEN for name in sub_configs}}
 
 
 def varlen_available() -> bool:

@@ -81,6 +81,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     tcfg = cfg.train
     seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
     model = PolyEmbedder.build(cfg.model)  # also turns on gradient checkpointing when configured
+    if tcfg.compile:
+        model.compile_layers()  # in place: parameter names, hence checkpoints, stay the same
     stream = stream_factory(rank=ctx.rank, world=ctx.world)
     total = steps or stream.total_steps(tcfg)
     steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
