@@ -72,6 +72,33 @@ def encode_in_process(files: dict[str, list[str]], model_dir, n: int, batch: int
     return len(rows), time.perf_counter() - t, 0.0
 
 
+def decode_rate(model_dir, side: int = 448, n: int = 200) -> float:
+    """Images/s on one core: JPEG bytes (side × side) → RGB → Qwen2-VL patches, as `encode_one` does
+    for training with `model.image_max_pixels` = side² (the 2B config's 448²)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vipoly.data.collate import load_builder
+
+    torch.set_num_threads(1)
+    builder = load_builder(str(model_dir))
+    cfg = builder.cfg.model_copy(update={"image_max_pixels": side * side, "max_length": 8192})
+    builder = type(builder)(builder.processor, cfg)
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        images.append(buf.getvalue())
+    t = time.perf_counter()
+    for i in range(n):
+        builder.encode_one(None, images[i % len(images)])
+    return n / (time.perf_counter() - t)
+
+
 def line(label: str, n: int, total: float, first: float, base: float | None = None) -> str:
     r = rate(n, total)
     steady = rate(n, total - first) if total > first else float("inf")
@@ -152,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         print(line("read → mix → decode/encode → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
         print(line("encode + collate alone, 1 process", *encode_in_process(files, model_dir, min(n, 1000), args.batch),
                    base))
+
+    per_core = decode_rate(model_dir)
+    print(f"\n[decode] 448² JPEG → Qwen2-VL patches on one core: {per_core:.1f} images/s "
+          f"(bench/scale_estimate.py --decode-images-per-core-s {per_core:.0f})")
 
     window = 64
     weights = {"text_pair": 0.45, "instr": 0.05, "ocr": 0.2, "vqa_single": 0.15, "vqa_multi": 0.15}

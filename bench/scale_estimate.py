@@ -66,7 +66,7 @@ OVERLAP = 0.5  # share of the all-reduce hidden behind the last micro-batch's ba
 PRICE_PER_GPU_HOUR = 6.88  # USD: p5.48xlarge on-demand us-east-1 $55.04/h / 8, list price after
 #                            AWS's June 2025 P5 price cut (ASSUMED; check the current price)
 JPEG_BYTES = 150e3  # stored size of one ~448px image in the Parquet rows (ASSUMED)
-DECODE_IMAGES_PER_CORE_S = None  # TODO: from bench/data_pipeline.py once it has numbers
+DECODE_IMAGES_PER_CORE_S = 44.0  # 448² JPEG → patches, one core: bench/data_pipeline.py [decode], 2026-11-26
 PREFETCH_BATCHES = 4  # micro-batches in flight per Train worker (ASSUMED)
 
 

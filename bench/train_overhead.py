@@ -2,7 +2,7 @@
 process and (b) inside a 1-worker Ray Train TorchTrainer. Prints the median step time of each
 after warm-up and the ratio (target ≤ 1.15×).
 
-    .venv/bin/python bench/train_overhead.py [--steps 40] [--warmup 10]
+    .venv/bin/python bench/train_overhead.py [--steps 40] [--warmup 10] [--set data.prefetch_batches=0]
 
 Step time = wall time of one optimizer step as the loop measures it (data → forward → loss →
 backward → step → cross-worker reduction), from metrics.jsonl's samples_per_s; Ray Train's
@@ -29,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], help="config override for both paths, key=value")
     args = p.parse_args()
 
     import ray
@@ -53,7 +54,7 @@ def main() -> None:
         return load_config(REPO / "configs" / "tiny-cpu.yaml", [
             f"data.root={tmp / 'data'}", f"run.dir={tmp / name}", f"model.backbone={tmp / 'init'}",
             "train.num_workers=1", f"train.max_steps={args.steps}", "train.log_every=1", "run.wandb=disabled",
-            f"train.checkpoint_every={args.steps}", "train.strategic_checkpoints=[]"])
+            f"train.checkpoint_every={args.steps}", "train.strategic_checkpoints=[]", *args.set])
 
     results = {}
     for name in ("plain", "ray_train"):
@@ -70,7 +71,8 @@ def main() -> None:
         results[name] = (statistics.median(per_step), wall)
 
     ratio = results["ray_train"][0] / results["plain"][0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}, overrides {args.set or 'none'}")
     print(f"{'path':<10} {'median step (ms)':>17} {'total wall (s)':>15}")
     for name, (step, wall) in results.items():
         print(f"{name:<10} {step * 1e3:>17.1f} {wall:>15.1f}")

@@ -314,12 +314,16 @@ class Embedder:
 
         from vipoly.model import matryoshka
 
+        # Columns → numpy views; `to_pylist` would make a Python float of every pixel value.
+        ids, mm, pixels, grids = (_ragged(batch.column(c)) for c in
+                                  ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"))
+        dims = batch.column("pixel_dim").to_pylist()
         rows = []
-        for r in batch.to_pylist():
-            row = {"input_ids": np.asarray(r["input_ids"], np.int64), "mm_token_type_ids": np.asarray(r["mm_token_type_ids"], np.int32)}
-            if r["pixel_values"] is not None:
-                row["pixel_values"] = np.asarray(r["pixel_values"], np.float32).reshape(-1, r["pixel_dim"])
-                row["image_grid_thw"] = np.asarray(r["image_grid_thw"], np.int64).reshape(-1, 3)
+        for i in range(batch.num_rows):
+            row = {"input_ids": ids[i], "mm_token_type_ids": mm[i]}
+            if pixels[i] is not None:
+                row["pixel_values"] = pixels[i].reshape(-1, dims[i])
+                row["image_grid_thw"] = grids[i].reshape(-1, 3)
             rows.append(row)
         emb = np.empty((len(rows), self.dim), dtype=np.float32)
         if rows:
@@ -335,6 +339,15 @@ class Embedder:
                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.dim),
                          "model": pa.array([self.name] * len(rows), pa.string()),
                          "dim": pa.array([self.dim] * len(rows), pa.int32())})
+
+
+def _ragged(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """A list column → one numpy view per row (None where the row is null), without copying."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
 
 
 # ------------------------------------------------------------------ driver
@@ -420,6 +433,9 @@ def run(args: argparse.Namespace) -> dict:
                                     fn_kwargs={"cols": c, "done": done, "side_dir": str(side_dir),
                                                "json_lines": fmt == "json"}))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # Blocks of a few actor calls: a file read as one block would go through every stage whole,
+    # one stage after the other; small blocks let preparing, embedding and writing overlap.
+    ds = ds.repartition(target_num_rows_per_block=8 * args.batch_size)
     ds = ds.map_batches(
         Prepare, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=args.prepare_cpus,
         fn_constructor_args=(str(model_dir.resolve()), overrides, args.task, str(side_dir)),

@@ -72,6 +72,31 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"train.strategy={cfg.train.strategy.value} needs deepspeed: {e}") from None
 
 
+def warn_unplaceable(cfg: Config) -> None:
+    """Say so when the cluster as it is now cannot place the workers: Ray Train then waits (for an
+    autoscaler to add nodes) without a word, which on a fixed cluster looks like a hang."""
+    import ray
+
+    t = cfg.train
+    need = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    fits = lambda res: all(res.get(k, 0) >= v for k, v in need.items())  # noqa: E731
+    if t.placement_strategy.startswith("STRICT_SPREAD"):
+        ok = sum(fits(r) for r in nodes) >= t.num_workers
+        what = f"{t.num_workers} nodes that each have {need}"
+    elif t.placement_strategy == "STRICT_PACK":
+        ok = any(all(r.get(k, 0) >= v * t.num_workers for k, v in need.items()) for r in nodes)
+        what = f"one node with {t.num_workers} × {need}"
+    else:
+        ok = all(sum(r.get(k, 0) for r in nodes) >= v * t.num_workers for k, v in need.items())
+        what = f"{t.num_workers} × {need} in all"
+    if not ok:
+        print(f"warning: train.placement_strategy={t.placement_strategy} needs {what}; the cluster has "
+              f"{len(nodes)} node(s) with {[{k: r.get(k, 0) for k in need} for r in nodes]}. The run waits "
+              f"until nodes are added (autoscaler) — on a fixed cluster, lower train.num_workers or change "
+              f"the strategy.", file=sys.stderr, flush=True)
+
+
 def latest_step(run_dir: Path) -> int:
     """Steps already done by an earlier run in `run_dir` (its newest complete checkpoint), 0 if none.
     Ray Train restores that same checkpoint: it is the latest one reported."""
@@ -108,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if done:
         print(f"resumed from step {done}", flush=True)
     init_ray(cfg.run.ray_address)
+    warn_unplaceable(cfg)
     result = build_trainer(cfg, run_dir).fit()  # ray
     if (run_dir / "STOPPED").exists():
         print(f"error: {(run_dir / 'STOPPED').read_text().strip()}", file=sys.stderr)

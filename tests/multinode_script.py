@@ -95,7 +95,8 @@ def main(mode: str, out: Path, data_root: str, model_dir: str) -> None:
                          "--set", f"model.backbone={model_dir}", "--set", "run.wandb=disabled",
                          "--set", "train.max_steps=4", "--set", "train.checkpoint_every=4",
                          "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=1",
-                         "--set", "train.placement_strategy=STRICT_SPREAD"])
+                         # one worker per node where there are nodes; one node cannot spread
+                         "--set", f"train.placement_strategy={'STRICT_SPREAD' if mode == 'multi' else 'PACK'}"])
         if rc != 0:
             raise SystemExit(f"training exited with {rc}")
         workers = train_worker_nodes()

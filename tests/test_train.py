@@ -154,3 +154,14 @@ def test_packed_sequences_train(tmp_path, ray_session, data_root, init_model):
                  "model.attn_implementation=vipoly_varlen", "train.max_steps=2", "train.checkpoint_every=2") == 0
     rows = steps(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_unplaceable_workers_are_named_before_the_wait(ray_session, capsys):
+    from vipoly.config import load_config
+
+    one_node = load_config(TINY, ["train.num_workers=2", "train.placement_strategy=STRICT_SPREAD"])
+    train_pipeline.warn_unplaceable(one_node)
+    err = capsys.readouterr().err
+    assert "train.placement_strategy=STRICT_SPREAD needs 2 nodes" in err and "1 node(s)" in err
+    train_pipeline.warn_unplaceable(load_config(TINY, ["train.num_workers=2", "train.placement_strategy=PACK"]))
+    assert capsys.readouterr().err == ""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vipoly.config import Config, ConfigError, Strict, _flatten, load_config, parse_override
+from vipoly.config import Config, ConfigError, Strict, flatten, load_config, parse_override
 
 HARNESS_KEYS = ("base", "heldout", "synthetic", "sweep", "ablate")
 
@@ -180,7 +180,7 @@ def load_harness(path: str | Path | None, overrides: list[str] | None = None,
     if other in harness_tree:
         raise ConfigError(f"{path}: has an `{other}` section; use `python -m tune.{other}` for it")
     harness_tree.setdefault(section, {})
-    train_sets = [f"{k}={json.dumps(v)}" for k, v in _flatten(tree)]  # JSON is YAML: --set parses it
+    train_sets = [f"{k}={json.dumps(v)}" for k, v in flatten(tree)]  # JSON is YAML: --set parses it
     for item in overrides or []:
         key, value = parse_override(item)
         head = key.split(".")[0]

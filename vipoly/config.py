@@ -172,6 +172,9 @@ class DataConfig(Strict):
     source within 1 sample of n·p_s on every prefix and within 2 of N·p_s on every window of N."""
     shuffle_buffer: int = Field(256, ge=0)
     """Per-source shuffle buffer (rows) before mixing; 0 = file order."""
+    prefetch_batches: int = Field(0, ge=0)
+    """Training batches made ahead in a background thread, to overlap a GPU step; 0 = none. On a
+    2-core CPU it cost 10% (docs/benchmarks.md): there the thread competes with the step."""
     max_text_chars: int = Field(20000, ge=1)
     """Texts longer than this are truncated or rejected by `prepare` (see `overlong`)."""
     overlong: Literal["truncate", "reject"] = "truncate"
@@ -323,7 +326,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults ← `base` dict ← YAML file ← `key=value` overrides, validated as one tree."""
     tree: dict[str, Any] = {}
     if base:
-        for k, v in _flatten(base):
+        for k, v in flatten(base):
             _set_path(tree, k, v)
     if path is not None:
         p = Path(path)
@@ -335,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        for k, v in _flatten(loaded):
+        for k, v in flatten(loaded):
             _set_path(tree, k, v)
     for item in overrides or []:
         _set_path(tree, *parse_override(item))
@@ -346,13 +349,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError("invalid config" + (f" {path}" if path else "") + ":\n" + "\n".join(lines)) from None
 
 
-def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """Leaf (dotted key, value) pairs; dict-valued fields of the schema (mix, alpha) stay whole."""
     out: list[tuple[str, Any]] = []
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and _is_section(key):
-            out += _flatten(v, key + ".")
+            out += flatten(v, key + ".")
         else:
             out.append((key, v))
     return out

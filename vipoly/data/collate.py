@@ -72,20 +72,30 @@ def _side(row: dict[str, Any], side: str) -> dict[str, Any]:
     return {k: row[f"{side}_{k}"] for k in ENCODED_KEYS if f"{side}_{k}" in row}
 
 
-def collate_pairs(rows: list[dict[str, Any]], builder) -> dict[str, Any]:
-    """Encoded rows → {query, pos: padded tensors; task_ids (B,) long; scores (B,) float32, NaN =
-    no score; lang, id: lists}."""
+def pair_labels(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a batch carries besides the inputs: task_ids (B,) long in TASKS order, scores (B,)
+    float32 with NaN = no score, lang and id lists."""
     if not rows:
         raise ValueError("collate_pairs: no rows")
     scores = [r.get("score") for r in rows]
     return {
-        "query": builder.pad([_side(r, "q") for r in rows]),
-        "pos": builder.pad([_side(r, "p") for r in rows]),
         "task_ids": torch.tensor([TASK_INDEX[str(r["task"])] for r in rows], dtype=torch.long),
-        "scores": torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32),
+        "scores": torch.tensor([math.nan if s is None or s != s else float(s) for s in scores], dtype=torch.float32),
         "lang": [str(r["lang"]) for r in rows],
         "id": [str(r["id"]) for r in rows],
     }
+
+
+def sides(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The queries of `rows`, then their positives, as `InputBuilder.pad`/`pack` rows."""
+    return [_side(r, s) for s in SIDES for r in rows]
+
+
+def collate_pairs(rows: list[dict[str, Any]], builder) -> dict[str, Any]:
+    """Encoded rows → {query, pos: padded tensors} and `pair_labels`."""
+    labels = pair_labels(rows)
+    return {"query": builder.pad([_side(r, "q") for r in rows]), "pos": builder.pad([_side(r, "p") for r in rows]),
+            **labels}
 
 
 class PairCollate:

@@ -6,14 +6,60 @@ travels); each worker calls it with its rank to open its own shard of every sour
 """
 from __future__ import annotations
 
+import queue
+import threading
+
 from vipoly.config import Config, TrainConfig
-from vipoly.data.collate import ENCODED_KEYS, collate_pairs, load_builder
+from vipoly.data.collate import load_builder, pair_labels, sides
 from vipoly.data.stream import build_stream, resolve_sources, worker_rows
 
 __all__ = ["StreamFactory", "TrainStream", "resolve_sources"]
 
 
+class Prefetcher:
+    """Makes items with `make()` in a background thread, `depth` ahead of the consumer, so that
+    reading, mixing and collating the next batches overlap the model's step (torch releases the
+    GIL while it computes). Errors in the thread reach the consumer at the item that failed."""
+
+    def __init__(self, make, depth: int):
+        self._make, self._queue = make, queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vipoly-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self._make(), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                item = (None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None:
+                return
+
+    def get(self):
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
 class TrainStream:
+    """One worker's batches: `next_batch()`, with the stream position of the last batch handed out
+    (`state_dict`, for checkpoints) and the samples counted per task and language (`counts`).
+
+    With `data.prefetch_batches` > 0 the batches are made in a background thread; each carries the
+    position after it, so a checkpoint records what the model has seen, not what was prefetched."""
+
     def __init__(self, cfg: Config, rank: int, world: int):
         self.cfg, self.rank, self.world = cfg, rank, world
         import ray.data  # ray
@@ -22,7 +68,14 @@ class TrainStream:
         self.model_dir = cfg.model.backbone
         self.builder = load_builder(self.model_dir)
         self.files = resolve_sources(cfg.data)
-        self.stream = build_stream(cfg.data, self.model_dir, rank=rank, world=world, seed=cfg.train.seed)
+        self._open(None)
+
+    def _open(self, position: dict | None) -> None:
+        self.stream = build_stream(self.cfg.data, self.model_dir, rank=self.rank, world=self.world,
+                                   seed=self.cfg.train.seed, position=position)
+        self._state = self.stream.state()
+        depth = self.cfg.data.prefetch_batches
+        self._prefetch = Prefetcher(self._make_batch, depth) if depth else None
 
     # -- sizes
     def steps_per_epoch(self, tcfg: TrainConfig) -> int:
@@ -37,27 +90,34 @@ class TrainStream:
         return per_epoch * tcfg.epochs
 
     # -- batches
-    def next_batch(self) -> dict:
+    def _make_batch(self) -> tuple[dict, dict]:
         rows = [self.stream.next() for _ in range(self.cfg.train.batch_size)]
-        batch = collate_pairs(rows, self.builder)
+        batch = pair_labels(rows)
         # Queries and positives go through the model in ONE forward pass: DDP sees one graph per
         # step, and the backbone runs one larger batch instead of two.
-        both = [{k: r[f"{s}_{k}"] for k in ENCODED_KEYS if f"{s}_{k}" in r} for s in ("q", "p") for r in rows]
+        both = sides(rows)
         batch["inputs"] = self.builder.pack(both) if self.cfg.train.packed_sequences else self.builder.pad(both)
+        return batch, self.stream.state()
+
+    def next_batch(self) -> dict:
+        batch, self._state = self._prefetch.get() if self._prefetch else self._make_batch()
         return batch
 
     # -- position
     def state_dict(self) -> dict:
-        return self.stream.state()
+        return self._state
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.close()
-        self.stream = build_stream(self.cfg.data, self.model_dir, rank=self.rank, world=self.world,
-                                   seed=self.cfg.train.seed, position=state)
+        self.close()
+        self._open(state)
 
     def counts(self) -> dict:
-        p = self.stream.position
-        return {"task": dict(p.per_task), "lang": dict(p.per_lang)}
+        return {"task": dict(self._state["per_task"]), "lang": dict(self._state["per_lang"])}
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()  # first: the thread is the only user of the stream
+        self.stream.close()
 
 
 class StreamFactory:

@@ -201,6 +201,9 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                 print(f"debug: killing worker rank {ctx.rank} after step {done}", flush=True)
                 os._exit(1)
 
+    close = getattr(stream, "close", None)
+    if close:
+        close()  # stops the prefetch thread and the sources' pipelines
     engine.export(run_dir / "model", ctx.rank)
     if rank0:
         write_report(run_dir)
