@@ -213,9 +213,9 @@ def test_rayjob_embed_has_a_gpu_for_every_actor():
     assert all(f'"{f}"' in embed_src for f in flags), "a flag the manifest passes is not in pipelines/embed.py"
 
 
-# ---------------------------------------------------------------- docs/cluster.md commands
+# ---------------------------------------------------------------- docs/cluster.md and README commands
 def _doc_commands() -> list[list[str]]:
-    text = (REPO / "docs" / "cluster.md").read_text()
+    text = (REPO / "docs" / "cluster.md").read_text() + (REPO / "README.md").read_text()
     blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
     joined = "\n".join(b.replace("\\\n", " ") for b in blocks)
     return [shlex.split(line, comments=True) for line in joined.splitlines() if "python -m pipelines." in line]
