@@ -19,7 +19,6 @@ share of the noise), with σ = std_k / √n the standard error of Δ. |Δ| ≥ 2
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from tune import plots, results
-from tune.config import Harness, load_harness, save_harness
-from tune.runner import build_inits, fixed_points, init_ray, interrupted, prepare_data, run_experiment
+from tune.config import Harness
+from tune.runner import build_inits, fixed_points, init_ray, interrupted, open_harness, run_experiment
 from tune.space import apply_params
 from tune.trial import Job
-from vipoly.config import Config, ConfigError, add_config_args
+from vipoly.config import Config, ConfigError
 from vipoly.tasks import LANGS, TASKS
 
 
@@ -157,20 +156,10 @@ def write_report(root: Path, harness: Harness, rows: list[dict]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_config_args(argparse.ArgumentParser(prog="python -m tune.ablate", description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        harness, cfg = load_harness(args.config, args.overrides, section="ablate")
-        check(harness, cfg)
-        root = Path(cfg.run.dir).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        prepare_data(harness, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_harness("python -m tune.ablate", __doc__, argv, "ablate", check)
+    if opened is None:
         return 2
-    cfg.run.dir = str(root)
-    save_harness(harness, cfg, root / "ablate.yaml")
+    harness, cfg, root = opened
     points = cells(harness)
     a = harness.ablate
     print(f"vipoly ablate → {root}: {len(points) // len(a.seeds)} cells × {len(a.seeds)} seeds", flush=True)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vipoly.config import Config, ConfigError, Strict, flatten, load_config, parse_override
+from vipoly.config import Config, ConfigError, Strict, flatten, load_config, parse_override, read_yaml
 
 HARNESS_KEYS = ("base", "heldout", "synthetic", "sweep", "ablate")
 
@@ -164,17 +164,7 @@ class Harness(Strict):
 def load_harness(path: str | Path | None, overrides: list[str] | None = None,
                  section: Literal["sweep", "ablate"] = "sweep") -> tuple[Harness, Config]:
     """(harness, training config) from a harness YAML and `--set key=value` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
     harness_tree = {k: tree.pop(k) for k in HARNESS_KEYS if k in tree}
     other = "ablate" if section == "sweep" else "sweep"
     if other in harness_tree:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tune.config import Harness
 from tune.space import Range
@@ -39,6 +39,34 @@ def prepare_data(harness: Harness, cfg: Config) -> None:
         raise ConfigError(f"heldout.data: no canonical shards (<task>/part-*.parquet) under {held}")
     if root and held.resolve() == Path(root).resolve():
         raise ConfigError(f"heldout.data is data.root ({held}): the objective must use data not trained on")
+
+
+def open_harness(prog: str, doc: str | None, argv: list[str] | None, section: str,
+                 check: Callable[[Harness, Config], None]) -> tuple[Harness, Config, Path] | None:
+    """The shared start of `tune.sweep` and `tune.ablate`: parse `--config/--set`, load and `check`
+    the harness, create `run.dir` (absolute from here on) with its data, and save the resolved
+    harness as `<section>.yaml` there. None after printing the error (exit code 2)."""
+    import argparse
+    import sys
+
+    from vipoly.config import add_config_args
+    from tune.config import load_harness, save_harness
+
+    parser = add_config_args(argparse.ArgumentParser(prog=prog, description=doc,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        harness, cfg = load_harness(args.config, args.overrides, section=section)
+        check(harness, cfg)
+        root = Path(cfg.run.dir).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        prepare_data(harness, cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    cfg.run.dir = str(root)
+    save_harness(harness, cfg, root / f"{section}.yaml")
+    return harness, cfg, root
 
 
 def init_ray(cfg: Config, concurrent: int, trial_cpus: float) -> None:

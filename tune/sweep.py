@@ -17,16 +17,15 @@ Saltelli/Sobol design are one `sweep.searcher` away. run.dir then holds
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from tune import results
-from tune.config import Harness, load_harness, save_harness
-from tune.runner import build_inits, distributions, fixed_points, init_ray, interrupted, prepare_data, run_experiment
+from tune.config import Harness, load_harness
+from tune.runner import build_inits, distributions, fixed_points, init_ray, interrupted, open_harness, run_experiment
 from tune.space import grid_points, oat_points, resolve_space, sobol_design
 from tune.trial import Job
-from vipoly.config import Config, ConfigError, add_config_args
+from vipoly.config import Config, ConfigError
 
 
 def eval_every(harness: Harness, cfg: Config) -> int | None:
@@ -105,20 +104,10 @@ def run_oat(root: Path, n: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_config_args(argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        harness, cfg = load_harness(args.config, args.overrides, section="sweep")
-        check(harness, cfg)
-        root = Path(cfg.run.dir).resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        prepare_data(harness, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_harness("python -m tune.sweep", __doc__, argv, "sweep", check)
+    if opened is None:
         return 2
-    cfg.run.dir = str(root)
-    save_harness(harness, cfg, root / "sweep.yaml")
+    harness, cfg, root = opened
     s = harness.sweep
     space = resolve_space(s.params)
     print(f"vipoly sweep → {root}: {s.searcher} + {s.scheduler}, objective = {harness.heldout.objective} "

@@ -322,6 +322,20 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; a ConfigError naming the file if it is missing or not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Defaults ← `base` dict ← YAML file ← `key=value` overrides, validated as one tree."""
     tree: dict[str, Any] = {}
@@ -329,16 +343,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for k, v in flatten(base):
             _set_path(tree, k, v)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        for k, v in flatten(loaded):
+        for k, v in flatten(read_yaml(path)):
             _set_path(tree, k, v)
     for item in overrides or []:
         _set_path(tree, *parse_override(item))
