@@ -45,7 +45,7 @@ from vipoly.config import ModelConfig, PoolingConfig, ProjectionConfig  # noqa: 
 from vipoly.losses import infonce  # noqa: E402
 from vipoly.model.backbone import ImageProcessor, ImageTextProcessor  # noqa: E402
 from vipoly.model.embedder import PolyEmbedder  # noqa: E402
-from vipoly.model.packing import VARLEN, pack_rows, register_varlen_attention, varlen_available, varlen_implementations  # noqa: E402
+from vipoly.model.packing import VARLEN, pack_rows, register_varlen_attention, varlen_available  # noqa: E402
 from vipoly.model.tiny import corpus, train_tokenizer  # noqa: E402
 
 TINY = os.environ.get("TINY") == "1"
@@ -262,7 +262,10 @@ def choose_attention(requested: str) -> str:
 
 def set_attention(model, attention: str) -> None:
     """`attention` on the language model; with VARLEN the vision tower takes the varlen kernel too."""
-    model.backbone.set_attn_implementation(varlen_implementations(model.backbone) if attention == VARLEN else attention)
+    if attention == VARLEN:
+        model.use_varlen_attention()
+    else:
+        model.backbone.set_attn_implementation(attention)
 
 
 def check_packed_equals_padded(model, attention: str) -> dict:

@@ -329,8 +329,7 @@ class Embedder:
         if rows:
             model = self.model
             # packed (no padding) where the attention is a varlen kind, as `encode` does
-            collate = model.inputs.pack if model.packs_by_default else model.inputs.pad
-            inputs = {k: v.to(model.device) for k, v in collate(rows).items()}
+            inputs = {k: v.to(model.device) for k, v in model.collate(rows).items()}
             # the same autocast as `encode` (bf16 on a GPU), so the vectors match it
             autocast = getattr(model, "_inference_autocast", contextlib.nullcontext)
             with torch.no_grad(), autocast():

@@ -80,7 +80,7 @@ def pair_labels(rows: list[dict[str, Any]]) -> dict[str, Any]:
     scores = [r.get("score") for r in rows]
     return {
         "task_ids": torch.tensor([TASK_INDEX[str(r["task"])] for r in rows], dtype=torch.long),
-        "scores": torch.tensor([math.nan if s is None or s != s else float(s) for s in scores], dtype=torch.float32),
+        "scores": torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32),
         "lang": [str(r["lang"]) for r in rows],
         "id": [str(r["id"]) for r in rows],
     }

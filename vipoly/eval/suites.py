@@ -177,6 +177,14 @@ class Suite:
     def __init__(self, spec: str):
         self.spec = spec
 
+    def _checked_paths(self, paths: list[str], count_ok: bool, usage: str, what: str) -> list[str]:
+        """`paths`, once their number fits `usage` and each exists (errors name the spec or file)."""
+        if not count_ok:
+            raise ValueError(f"{self.spec}: expected {usage}")
+        for p in paths:
+            D._existing(p, what)
+        return paths
+
     def run(self, model: Encoder, opts: Options) -> SuiteOutput:
         raise NotImplementedError
 
@@ -192,11 +200,8 @@ class SquadRetrieval(Suite):
 
     def __init__(self, spec: str, paths: list[str]):
         super().__init__(spec)
-        if len(paths) not in (1, 2):
-            raise ValueError(f"{spec}: expected retrieval:squad:PATH[,QUERY_PATH]")
-        for p in paths:
-            D._existing(p, "SQuAD file")
-        self.paths = paths
+        self.paths = self._checked_paths(paths, len(paths) in (1, 2),
+                                         "retrieval:squad:PATH[,QUERY_PATH]", "SQuAD file")
 
     def run(self, model: Encoder, opts: Options) -> SuiteOutput:
         t0 = time.perf_counter()
@@ -237,11 +242,8 @@ class Bitext(Suite):
 
     def __init__(self, spec: str, paths: list[str]):
         super().__init__(spec)
-        if len(paths) < 2:
-            raise ValueError(f"{spec}: expected bitext:A,B[,C...] (at least two line-aligned files)")
-        for p in paths:
-            D._existing(p, "bitext file")
-        self.paths = paths
+        self.paths = self._checked_paths(paths, len(paths) >= 2,
+                                         "bitext:A,B[,C...] (at least two line-aligned files)", "bitext file")
 
     def run(self, model: Encoder, opts: Options) -> SuiteOutput:
         t0 = time.perf_counter()
@@ -271,11 +273,8 @@ class PairClassification(Suite):
 
     def __init__(self, spec: str, paths: list[str]):
         super().__init__(spec)
-        if len(paths) != 3:
-            raise ValueError(f"{spec}: expected pairs:S1,S2,LABELS")
-        for p in paths:
-            D._existing(p, "pairs file")
-        self.paths = paths
+        self.paths = self._checked_paths(paths, len(paths) == 3,
+                                         "pairs:S1,S2,LABELS", "pairs file")
 
     def run(self, model: Encoder, opts: Options) -> SuiteOutput:
         t0 = time.perf_counter()
@@ -329,11 +328,8 @@ class XNLI(Suite):
 
     def __init__(self, spec: str, paths: list[str]):
         super().__init__(spec)
-        if len(paths) not in (1, 2):
-            raise ValueError(f"{spec}: expected xnli:PATH[,HYPOTHESIS_PATH]")
-        for p in paths:
-            D._existing(p, "XNLI file")
-        self.paths = paths
+        self.paths = self._checked_paths(paths, len(paths) in (1, 2),
+                                         "xnli:PATH[,HYPOTHESIS_PATH]", "XNLI file")
 
     def run(self, model: Encoder, opts: Options) -> SuiteOutput:
         t0 = time.perf_counter()

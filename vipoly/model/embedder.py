@@ -127,6 +127,12 @@ class PolyEmbedder(nn.Module):
         batches cost nothing extra (SDPA's would need a T×T mask): then inference packs."""
         return self.backbone.language_model.config._attn_implementation in FLASH_IMPLEMENTATIONS
 
+    def collate(self, rows: list[dict[str, Any]], packed: bool | None = None) -> dict[str, torch.Tensor]:
+        """Rows from `InputBuilder.encode_one` → one batch: packed if `packed` (None: where
+        `packs_by_default`), else right-padded."""
+        use_pack = self.packs_by_default if packed is None else packed
+        return self.inputs.pack(rows) if use_pack else self.inputs.pad(rows)
+
     def compile_layers(self) -> None:
         """torch.compile each language-model decoder layer and each vision block in place (their
         elementwise work fuses; the layer boundaries keep graphs small and shared by all layers).
@@ -227,7 +233,6 @@ class PolyEmbedder(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         out = np.empty((len(rows), dim or self.embedding_dim), dtype=np.float32)
-        collate = self.inputs.pack if (self.packs_by_default if packed is None else packed) else self.inputs.pad
         # Rows are prepared and sorted a window at a time, so the decoded pixels held in memory stay
         # bounded however many images are passed.
         window = batch_size * 16
@@ -243,7 +248,7 @@ class PolyEmbedder(nn.Module):
                 order = np.argsort([-len(r["input_ids"]) for r in encoded], kind="stable")
                 for start in range(0, len(encoded), batch_size):
                     idx = order[start:start + batch_size]
-                    batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in idx]).items()}
+                    batch = {k: v.to(self.device) for k, v in self.collate([encoded[i] for i in idx], packed).items()}
                     with self._inference_autocast():
                         emb = self(**batch).embedding
                     out[first + idx] = matryoshka(emb, dim).float().cpu().numpy()
