@@ -7,6 +7,8 @@ On synthetic shards (written to a temporary folder) and the tiny model's process
   mix only        the exact-ratio MixedStream over per-source Ray Data pipelines, no encoding
   full pipeline   read → mix → encode (tokenizer, image decode + image processor, in Ray Data
                   stages) → collate into padded batches (in this process)
+  pre-encoded     text only: the same, reading the copies `python -m vipoly.data.encode` writes
+                  (tokenised once per data set and tokenizer) instead of tokenising as it streams
 for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi). Also measures
 the ratio Ray's own `Dataset.mix` achieves (whole blocks) against the scheduler's, over windows
 of 64 samples. Prints every number, and the ratios to the raw read.
@@ -27,15 +29,17 @@ def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
-def raw_read(files: dict[str, list[str]]) -> tuple[int, float, float]:
-    """(rows, seconds in all, seconds to the first row) of a plain Ray Data read of every source."""
+def raw_read(files: dict[str, list[str]], blocks: bool = False) -> tuple[int, float, float]:
+    """(rows, seconds in all, seconds to the first row) of a plain Ray Data read of every source:
+    row by row (`iter_rows`, what a row consumer gets) or as whole Arrow blocks (`blocks`)."""
     from vipoly.data.shards import read_parquet
 
     t0 = time.perf_counter()
     n, first = 0, None
     for fs in files.values():
-        for _ in read_parquet(fs).iter_rows():
-            n += 1
+        ds = read_parquet(fs)
+        for part in ds.iter_batches(batch_size=None, batch_format="pyarrow") if blocks else ds.iter_rows():
+            n += part.num_rows if blocks else 1
             if first is None:
                 first = time.perf_counter() - t0
     return n, time.perf_counter() - t0, first or 0.0
@@ -61,15 +65,30 @@ def encode_in_process(files: dict[str, list[str]], model_dir, n: int, batch: int
     """The processor alone, in this process on one core: encode + collate of n rows (no Ray, no mix)."""
     import pyarrow.parquet as pq
 
-    from vipoly.data.collate import collate_pairs, encode_rows, load_builder
+    import pyarrow as pa
+
+    from vipoly.data.collate import collate_pairs, load_builder
+    from vipoly.data.encode import encode_table, table_rows
 
     builder = load_builder(str(model_dir))
-    rows = [r for fs in files.values() for r in pq.read_table(fs[0]).to_pylist()[: n // len(files) + 1]][:n]
+    table = pa.concat_tables([pq.read_table(fs[0]).slice(0, n // len(files) + 1) for fs in files.values()]).slice(0, n)
+    encode_table(table.slice(0, batch), str(model_dir))  # load the tokenizer / processor first
     t = time.perf_counter()
-    for i in range(0, len(rows), batch):
-        enc = encode_rows(rows[i:i + batch], builder)
-        collate_pairs([{k: v[j] for k, v in enc.items()} for j in range(len(enc["id"]))], builder)
-    return len(rows), time.perf_counter() - t, 0.0
+    for i in range(0, table.num_rows, batch):
+        collate_pairs(table_rows(encode_table(table.slice(i, batch), str(model_dir))), builder)
+    return table.num_rows, time.perf_counter() - t, 0.0
+
+
+def pre_encode(files: dict[str, list[str]], model_dir, cache: Path) -> tuple[int, float]:
+    """(rows, seconds) of writing the pre-encoded copies, one Ray task per file (vipoly.data.encode)."""
+    import ray
+
+    from vipoly.data.encode import encode_file
+
+    task = ray.remote(num_cpus=1)(encode_file)
+    t = time.perf_counter()
+    done = ray.get([task.remote(f, str(cache), str(model_dir)) for fs in files.values() for f in fs])
+    return sum(d["rows"] for d in done), time.perf_counter() - t
 
 
 def decode_rate(model_dir, side: int = 448, n: int = 200) -> float:
@@ -132,7 +151,7 @@ def ray_mix_ratio(files: dict[str, list[str]], weights: dict[str, float], window
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-text", type=int, default=4000, help="samples drawn from the text mix")
+    p.add_argument("--n-text", type=int, default=64000, help="samples drawn from the text mix (enough to reach the steady rate)")
     p.add_argument("--n-image", type=int, default=1000, help="samples drawn from the image mix")
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args(argv)
@@ -157,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t = time.perf_counter()
     # every source large enough that no source wraps around during the measurement
-    write_synthetic(tmp / "text", n=5 * args.n_text, seed=0, tasks=("text_pair", "instr"), rows_per_file=2048)
+    write_synthetic(tmp / "text", n=2 * args.n_text, seed=0, tasks=("text_pair", "instr"), rows_per_file=16384)
     write_synthetic(tmp / "image", n=2 * args.n_image, seed=0, tasks=("ocr", "vqa_single", "vqa_multi"),
                     rows_per_file=512)
     model_dir = build_tiny(tmp / "tiny", seed=0)
@@ -170,15 +189,22 @@ def main(argv: list[str] | None = None) -> None:
         files = task_sources(root)
         raw_read(files)  # warm the workers
         n_raw, s_raw, f_raw = raw_read(files)
+        n_blk, s_blk, f_blk = raw_read(files, blocks=True)
         base = rate(n_raw, s_raw)
         data = DataConfig(root=str(root), mix=mix, shuffle_buffer=256)
         stream_rate(data, model_dir, 2 * args.batch, args.batch, collate)  # warm: processor loaded in the workers
         print(f"\n[{kind}] mix {mix}, batch {args.batch}")
         print(line("raw read (read_parquet → rows)", n_raw, s_raw, f_raw))
+        print(line("raw read (read_parquet → Arrow blocks)", n_blk, s_blk, f_blk, base))
         print(line("read → mix (no encoding)", *stream_rate(data, None, n, args.batch, None), base))
         print(line("read → mix → decode/encode → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
         print(line("encode + collate alone, 1 process", *encode_in_process(files, model_dir, min(n, 1000), args.batch),
                    base))
+        if kind == "text":  # pre-encoded text: tokenised once (python -m vipoly.data.encode), then read
+            rows, seconds = pre_encode(files, model_dir, root / "_encoded")
+            print(f"  pre-encoding (once per data set and tokenizer): {rows} rows in {seconds:.1f} s "
+                  f"= {rate(rows, seconds):.0f} rows/s")
+            print(line("read pre-encoded → mix → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
 
     per_core = decode_rate(model_dir)
     print(f"\n[decode] 448² JPEG → Qwen2-VL patches on one core: {per_core:.1f} images/s "

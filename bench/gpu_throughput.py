@@ -43,7 +43,7 @@ from transformers import Qwen2VLConfig, Qwen2VLModel  # noqa: E402
 
 from vipoly.config import ModelConfig, PoolingConfig, ProjectionConfig  # noqa: E402
 from vipoly.losses import infonce  # noqa: E402
-from vipoly.model.backbone import ImageProcessor, ImageTextProcessor  # noqa: E402
+from vipoly.model.backbone import ImageProcessor, ImageTextProcessor, patch_embed_as_linear  # noqa: E402
 from vipoly.model.embedder import PolyEmbedder  # noqa: E402
 from vipoly.model.packing import VARLEN, pack_rows, register_varlen_attention, varlen_available  # noqa: E402
 from vipoly.model.tiny import corpus, train_tokenizer  # noqa: E402
@@ -297,6 +297,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--gc", action="store_true", help="ours checkpoints every training workload")
     parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash_attention_2", VARLEN],
                         help="our attention for packed batches (auto: flash_attn, else torch varlen, else sdpa)")
+    parser.add_argument("--profile", default="", help="workload name prefixes whose last `ours` step is "
+                        "profiled (top kernels printed, and written to $OUT)")
     parser.add_argument("--only", default="", help="comma-separated workload name prefixes, e.g. A_,B_")
     args = parser.parse_args(argv)
     workloads = TINY_SET if TINY else QUICK if args.quick else FULL
@@ -337,6 +339,7 @@ def main(argv=None) -> dict:
     print(f"packed ({attention}) vs padded (sdpa) embeddings: {res['check_packed_vs_padded']}", flush=True)
     model.train()
     set_attention(model, attention)
+    patch_embed_as_linear(model.backbone)  # what load_backbone does; the baseline kept the Conv3d
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
     variants = [("ours", False)] + ([("ours+compile", True)] if args.compile else [])
     for label, compiled in variants:
@@ -347,16 +350,40 @@ def main(argv=None) -> dict:
             for gc in checkpoint_options:
                 name = label + ("+gc" if gc else "")
                 set_checkpointing(model, gc)
+                if compiled:  # each row compiles afresh, as the one workload of a training run does
+                    torch._dynamo.reset()
                 res[w.name][name] = measure(ours_step, model, inputs[w.name], "packed", w, opt, sizes, ceiling,
                                             reps[w.train])
                 _log(w.name, name, res[w.name][name])
                 save(res)
+    for w in workloads:
+        if args.profile and any(w.name.startswith(p) for p in args.profile.split(",")):
+            profile(model, inputs[w.name]["packed"], w, opt)
     res["wall_s"] = round(time.time() - started, 1)
     print_table(res, workloads)
     out = save(res)
     if out:
         print(f"wrote {out}")
     return res
+
+
+def profile(model, batch: dict, w: Workload, opt) -> None:
+    """Where one step of ours spends its time: the top operators by device time (after two warm steps)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    set_checkpointing(model, False)
+    for _ in range(2):
+        ours_step(model, batch, w.train, opt)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        ours_step(model, batch, w.train, opt)
+        sync()
+    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
+    print(f"\n[profile] {w.name}, ours, one step\n{table}", flush=True)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / f"profile_{w.name}.txt").write_text(table)
 
 
 def save(res: dict) -> Path | None:

@@ -9,7 +9,8 @@ import torch
 
 from vipoly.config import DataConfig
 from vipoly.data import synthetic
-from vipoly.data.collate import PairCollate, RayPairCollateFn, collate_pairs, encode_rows, load_builder
+from vipoly.data.collate import PairCollate, RayPairCollateFn, collate_pairs, load_builder
+from vipoly.data.encode import SIDES, encode_table, encoded_files, table_rows
 from vipoly.data.mix import measure_ratio
 from vipoly.data.shards import task_sources
 from vipoly.data.stream import build_stream, ray_source, resolve_sources, worker_rows
@@ -83,25 +84,98 @@ def test_resume_through_ray_sources(ray_session, prepared):
     assert saved["epoch"]["vqa_single"] == 1
 
 
-def test_encode_rows_columns(tiny_model_dir, prepared):
+def test_encoded_rows_equal_encode_one(tiny_model_dir, prepared):
+    """The Ray Data stage (batched Rust tokenizer for text sides, the image processor for image
+    sides, Arrow list columns) gives every row exactly what InputBuilder.encode_one gives it."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(prepared / "vqa_single").to_pylist()[:3] + pq.read_table(prepared / "instr").to_pylist()[:2]
     builder = load_builder(str(tiny_model_dir))
-    enc = encode_rows(rows, builder)
-    assert list(enc["id"]) == [r["id"] for r in rows]
-    assert math.isnan(enc["score"][0])
-    assert enc["q_pixel_values"][0].ndim == 2 and enc["q_pixel_values"][0].shape[0] > 0
-    assert enc["q_pixel_values"][4].shape == (0, 0)  # instr: no image
-    direct = builder.encode_one(rows[0]["query_text"], rows[0]["query_images"], "vqa_single")
-    assert (enc["q_input_ids"][0] == direct["input_ids"]).all()
-    assert int(enc["q_input_ids"][0][0]) == builder.prefix_ids["vqa_single"][0]
-    # Ray's own batching path gives the same batch as the row collate
+    checked = 0
+    for task in TASKS:
+        table = pq.read_table(prepared / task)
+        enc = encode_table(table.slice(1), str(tiny_model_dir))
+        rows = table_rows(enc.slice(2))  # slices: list offsets that do not start at 0
+        for row, src in zip(rows, table.slice(3).to_pylist(), strict=True):
+            assert row["id"] == src["id"] and row["task"] == task
+            assert (row["score"] is None) == (src["score"] is None)
+            for side, (text_key, image_key) in SIDES.items():
+                want = builder.encode_one(src[text_key], list(src[image_key] or []) or None, task)
+                assert (f"{side}_pixel_values" in row) == ("pixel_values" in want)
+                for k, v in want.items():
+                    got = row[f"{side}_{k}"]
+                    assert got.shape == v.shape and (got == v).all(), (task, side, k)
+                checked += 1
+    assert checked == 2 * (100 - 3 * len(TASKS))
+
+
+def test_text_encoding_needs_no_torch(tiny_model_dir, prepared):
+    """A Ray worker that only encodes text imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pyarrow.parquet as pq; from vipoly.data.encode import encode_table, table_rows; "
+            f"t = encode_table(pq.read_table({str(prepared / 'instr')!r}), {str(tiny_model_dir)!r}); "
+            "assert len(table_rows(t)) == t.num_rows; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_ray_collate_equals_row_collate(tiny_model_dir, prepared):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(prepared / "vqa_single").slice(0, 3), pq.read_table(prepared / "instr").slice(0, 2)])
+    enc = encode_table(table, str(tiny_model_dir))
     via_ray = RayPairCollateFn(tiny_model_dir)(enc)
-    via_rows = collate_pairs([{k: v[i] for k, v in enc.items()} for i in range(5)], builder)
+    via_rows = collate_pairs(table_rows(enc), load_builder(str(tiny_model_dir)))
     for side in ("query", "pos"):
         assert via_ray[side].keys() == via_rows[side].keys()
         for k in via_ray[side]:
             assert torch.equal(via_ray[side][k], via_rows[side][k])
     assert via_ray["task_ids"].tolist() == [3, 3, 3, 1, 1]
     assert torch.isnan(via_ray["scores"]).all()
+    assert via_ray["query"]["image_grid_thw"].shape == (3, 3) and "pixel_values" not in via_ray["pos"]
+
+
+def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_model_dir, tmp_path, capsys):
+    """`python -m vipoly.data.encode` writes tokenised copies of the text files; the stream then
+    reads them and yields exactly the rows it yields when it encodes as it goes. Image files are
+    left to the streaming encoder; a changed source file makes its copy stale (not used)."""
+    import os
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    from vipoly.data import encode
+
+    root = tmp_path / "data"
+    shutil.copytree(prepared, root)
+    mix = {"text_pair": 2, "instr": 1, "ocr": 1}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(
+        {"data": {"root": str(root), "mix": mix, "shuffle_buffer": 8}, "model": {"backbone": str(tiny_model_dir)}}))
+    data = DataConfig(root=str(root), mix=mix, shuffle_buffer=8)
+    with build_stream(data, tiny_model_dir, seed=3) as stream:
+        streamed = [stream.next() for _ in range(60)]
+
+    summary = encode.main(["--config", str(tmp_path / "cfg.yaml")])
+    assert summary["rows"] == 40 and len(summary["skipped"]) == len(task_sources(root)["ocr"])
+    assert "pre-encoded 40 rows" in capsys.readouterr().out
+    cache = str(root / "_encoded")
+    files = task_sources(root)
+    assert encoded_files(files["text_pair"], cache, tiny_model_dir) is not None
+    assert encoded_files(files["ocr"], cache, tiny_model_dir) is None
+    assert resolve_sources(data) == {k: files[k] for k in mix}  # the copies are not sources themselves
+    with build_stream(data, tiny_model_dir, seed=3) as stream:
+        cached = [stream.next() for _ in range(60)]
+    assert [r["id"] for r in cached] == [r["id"] for r in streamed]
+    for a, b in zip(cached, streamed):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k], k
+
+    stale = files["instr"][0]
+    os.utime(stale, ns=(os.stat(stale).st_atime_ns, os.stat(stale).st_mtime_ns + 10**9))
+    assert encoded_files(files["instr"], cache, tiny_model_dir) is None
+    assert encoded_files(files["text_pair"], "", tiny_model_dir) is None  # data.encoded_dir="" turns it off

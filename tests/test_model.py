@@ -455,3 +455,37 @@ def test_bf16_backbone_keeps_float32_heads(tiny_model_dir, tiny_model):
     assert out.embedding.dtype == out.pooled.dtype == torch.float32
     cos = (model.encode(TEXTS, IMAGES) * tiny_model.encode(TEXTS, IMAGES)).sum(1)
     assert cos.min() > 0.95, cos  # bf16 rounding of the backbone only
+
+
+def test_patch_embedding_runs_as_one_gemm_with_the_same_weights(tiny_model, tiny_model_dir):
+    """The loaded vision tower's Conv3d patch embedding is computed as a GEMM: same outputs and
+    gradients as the convolution, same parameter, same checkpoint name."""
+    import copy
+
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+    from vipoly.model.backbone import LinearPatchEmbed, patch_embed_as_linear
+
+    ours = tiny_model.backbone.visual.patch_embed
+    assert type(ours) is LinearPatchEmbed
+    conv = copy.deepcopy(ours)
+    conv.__class__ = PatchEmbed  # the stock convolution, same weights
+    assert type(copy.deepcopy(ours)) is LinearPatchEmbed and pickle.loads(pickle.dumps(ours)).__class__ is LinearPatchEmbed
+    x = torch.randn(37, ours.in_channels * ours.temporal_patch_size * ours.patch_size ** 2)
+    ref_x, our_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = conv(ref_x), ours(our_x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    torch.testing.assert_close(our_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.proj.weight.grad, conv.proj.weight.grad, atol=1e-4, rtol=1e-5)
+    ours.proj.weight.grad = None  # the session model is shared
+    assert "visual.patch_embed.proj.weight" in dict(tiny_model.backbone.named_parameters())
+    assert patch_embed_as_linear(tiny_model.backbone)  # idempotent
+    # A Conv3d that slides (stride < kernel) is not a patch projection: left as it is.
+    sliding = PatchEmbed(patch_size=4, temporal_patch_size=2, in_channels=3, embed_dim=8)
+    sliding.proj.stride = (1, 2, 2)
+    fake = torch.nn.Module()
+    fake.visual = torch.nn.Module()
+    fake.visual.patch_embed = sliding
+    assert not patch_embed_as_linear(fake) and type(sliding) is PatchEmbed

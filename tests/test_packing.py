@@ -292,3 +292,33 @@ def test_varlen_kernels_on_gpu_match_padded_sdpa(tiny_model_dir, attention):
     torch.testing.assert_close(loss_pack, loss_pad, atol=2e-2, rtol=2e-2)
     flat = lambda g: torch.cat([x.float().flatten() for x in g.values()])  # noqa: E731
     assert F.cosine_similarity(flat(grads_pack), flat(grads_pad), dim=0) > 0.99
+
+
+def test_dense_attention_equals_per_document_attention():
+    """Equal-length documents (a vision batch of equal images) go through one batched SDPA call;
+    it computes what per-document attention computes."""
+    from vipoly.model.packing import _varlen_reference, dense_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3 * 20, 4, 8) for _ in range(3))
+    cu = torch.tensor([0, 20, 40, 60], dtype=torch.int32)
+    torch.testing.assert_close(dense_attention(q, k, v, 3, 0.3), _varlen_reference(q, k, v, cu, 0.3, False))
+
+
+@pytest.mark.gpu
+def test_dense_vision_attention_on_gpu_matches_varlen():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from torch.nn.attention.varlen import varlen_attn
+
+    from vipoly.model.packing import varlen_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 4 * 256, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.arange(0, 4 * 256 + 1, 256, device="cuda", dtype=torch.int32)
+    module = torch.nn.Module()
+    module.is_causal = False
+    out, _ = varlen_attention_forward(module, q, k, v, None, scaling=80 ** -0.5, cu_seq_lens_q=cu, max_length_q=256)
+    flat = [x[0].transpose(0, 1).contiguous() for x in (q, k, v)]
+    ref = varlen_attn(*flat, cu, cu, 256, 256, scale=80 ** -0.5)
+    torch.testing.assert_close(out[0], ref, atol=2e-2, rtol=2e-2)

@@ -175,6 +175,10 @@ class DataConfig(Strict):
     prefetch_batches: int = Field(0, ge=0)
     """Training batches made ahead in a background thread, to overlap a GPU step; 0 = none. On a
     2-core CPU it cost 10% (docs/benchmarks.md): there the thread competes with the step."""
+    encoded_dir: str | None = None
+    """Pre-encoded text shards (`python -m vipoly.data.encode`): a source whose every file has an
+    up-to-date copy there for the model's tokenizer is read from it, skipping tokenisation. None =
+    `<root>/_encoded` when `root` is set; "" = never."""
     max_text_chars: int = Field(20000, ge=1)
     """Texts longer than this are truncated or rejected by `prepare` (see `overlong`)."""
     overlong: Literal["truncate", "reject"] = "truncate"

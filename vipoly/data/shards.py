@@ -27,6 +27,7 @@ from vipoly.data.schema import SCHEMA, conform
 from vipoly.tasks import TASKS
 
 QUARANTINE = "quarantine.jsonl"
+ENCODED_DIR = "_encoded"  # OUT/_encoded/<tokenizer fingerprint>/…: vipoly.data.encode's cache
 MANIFEST = "manifest.json"
 
 
@@ -149,8 +150,8 @@ def shard_files(path: str | Path) -> list[str]:
     p = Path(path)
     if p.is_file():
         return [str(p)]
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*.parquet"))
+    if p.is_dir():  # (a pre-encoded copy inside the folder is not a source)
+        files = sorted(str(f) for f in p.rglob("*.parquet") if ENCODED_DIR not in f.relative_to(p).parts)
     else:
         files = sorted(glob.glob(str(path), recursive=True))
     if not files:

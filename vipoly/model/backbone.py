@@ -8,6 +8,10 @@ Design choices:
   (ENV-NOTES), and one code path everywhere means the same pixels everywhere.
 - `Qwen2VLProcessor` insists on a video processor (which needs torchvision); `ImageTextProcessor`
   is the same processor without one. It is built from its parts, never through `AutoProcessor`.
+- The vision tower's patch embedding is a Conv3d whose kernel equals its stride: a matrix product
+  over flattened patches in disguise. cuDNN runs it as a convolution, slowly (tens of times slower
+  than the GEMM on some cards and dtypes), so `load_backbone` turns it into that GEMM
+  (`LinearPatchEmbed`: same weight tensor, same state-dict names, same outputs).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2VLModel, Qwen2VLProcessor
+from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as hf_logging
 
@@ -86,6 +92,31 @@ def save_processor(processor: ImageTextProcessor, out_dir: str | Path) -> None:
     processor.image_processor.save_pretrained(str(out_dir))
 
 
+class LinearPatchEmbed(PatchEmbed):
+    """Qwen2-VL's PatchEmbed computed as one GEMM over flattened patches (see the module docstring).
+    Only the forward differs, so a loaded PatchEmbed becomes one by a class swap
+    (`patch_embed_as_linear`), keeping its parameter and its checkpoint name `proj.weight`."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight  # (D, C, T, p, p): the input is (n, C·T·p·p) in the same order
+        flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+        return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
+def patch_embed_as_linear(backbone: Qwen2VLModel) -> bool:
+    """Swap the vision tower's PatchEmbed for `LinearPatchEmbed` where its convolution is a pure
+    patch projection (kernel = stride, no padding, dilation or groups). Returns whether it did."""
+    embed = getattr(getattr(backbone, "visual", None), "patch_embed", None)
+    conv = getattr(embed, "proj", None)
+    if type(embed) is not PatchEmbed or not isinstance(conv, torch.nn.Conv3d):
+        return isinstance(embed, LinearPatchEmbed)
+    if (tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.groups != 1
+            or any(d != 1 for d in conv.dilation)):
+        return False
+    embed.__class__ = LinearPatchEmbed
+    return True
+
+
 def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: str = "float32") -> Qwen2VLModel:
     """The bare Qwen2-VL model (vision tower + language model) in `dtype` with the resolved attention."""
     from vipoly.model.packing import VARLEN, varlen_implementations
@@ -101,6 +132,7 @@ def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: 
                          f"({str(e).splitlines()[0]})") from e
     if attn == VARLEN:
         model.set_attn_implementation(varlen_implementations(model))
+    patch_embed_as_linear(model)
     log.info("backbone %s: %s, attention=%s, dtype=%s", source, type(model).__name__, attn, dtype)
     return model
 

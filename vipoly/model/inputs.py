@@ -126,26 +126,27 @@ class InputBuilder:
 
     def pad(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad rows from `encode_one` into one batch: input_ids, attention_mask and
-        mm_token_type_ids (B, N); pixel_values and image_grid_thw concatenated in row order (the
+        mm_token_type_ids (B, N; 1 on <|image_pad|> tokens, as encode_one marks them); pixel_values and image_grid_thw concatenated in row order (the
         order in which the model matches image features to <|image_pad|> runs). Rows without an
         image may lack the pixel keys or hold None / empty arrays there."""
         if not rows:
             raise ValueError("pad: no rows")
-        lengths = [len(r["input_ids"]) for r in rows]
-        n = max(lengths)
-        input_ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), n), dtype=torch.long)
-        mm = torch.zeros((len(rows), n), dtype=torch.int32)
+        ids = [r["input_ids"] for r in rows]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        real = np.arange(lengths.max()) < lengths[:, None]  # (B, N), row-major: fills row after row
+        flat = np.concatenate(ids).astype(np.int64, copy=False)
+        input_ids = np.full(real.shape, self.pad_id, dtype=np.int64)
+        input_ids[real] = flat
+        mm = np.zeros(real.shape, dtype=np.int32)
+        mm[real] = flat == self.image_pad_id  # what encode_one's mm_token_type_ids is, row by row
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
+                 "mm_token_type_ids": torch.from_numpy(mm)}
         pixels, grids = [], []
-        for i, (r, length) in enumerate(zip(rows, lengths)):
-            input_ids[i, :length] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
-            attention_mask[i, :length] = 1
-            mm[i, :length] = torch.as_tensor(np.asarray(r["mm_token_type_ids"], dtype=np.int32))
+        for r in rows:
             pv = r.get("pixel_values")
             if pv is not None and np.size(pv):
                 pixels.append(np.asarray(pv, dtype=np.float32).reshape(-1, np.shape(pv)[-1]))
                 grids.append(np.asarray(r["image_grid_thw"], dtype=np.int64).reshape(-1, 3))
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm}
         if pixels:
             batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels))
             batch["image_grid_thw"] = torch.from_numpy(np.concatenate(grids))

@@ -97,30 +97,35 @@ def pack_rows(rows: list[dict[str, Any]], merge: int) -> dict[str, torch.Tensor]
     """
     if not rows:
         raise ValueError("pack: no rows")
-    ids, kinds, positions, pixels, grids = [], [], [], [], []
+    ids = [np.asarray(r["input_ids"]).reshape(-1) for r in rows]
+    lengths = np.array([len(x) for x in ids])
+    if not lengths.all():
+        raise ValueError(f"pack: row {int(np.argmin(lengths))} has no tokens")
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    input_ids = np.concatenate(ids).astype(np.int64)
+    kinds = np.concatenate([np.asarray(r["mm_token_type_ids"]).reshape(-1) for r in rows]).astype(np.int32)
+    # Text-only rows: every axis is the plain position; rows with images get their M-RoPE rows.
+    positions = np.broadcast_to(np.arange(starts[-1]) - np.repeat(starts[:-1], lengths), (4, starts[-1])).copy()
+    marked = np.add.reduceat(kinds != 0, starts[:-1]) > 0  # rows with image-token marks
+    pixels, grids = [], []
     for i, r in enumerate(rows):
-        row_ids = np.asarray(r["input_ids"], dtype=np.int64).reshape(-1)
-        if row_ids.size == 0:
-            raise ValueError(f"pack: row {i} has no tokens")
-        row_kinds = np.asarray(r["mm_token_type_ids"], dtype=np.int32).reshape(-1)
         pv, grid = r.get("pixel_values"), r.get("image_grid_thw")
-        has_image = pv is not None and np.size(pv) > 0
+        if pv is None or np.size(pv) == 0:
+            if marked[i]:
+                raise ValueError(f"pack: row {i}: mm_token_type_ids marks image tokens but the row has no image")
+            continue
+        a, b = starts[i], starts[i + 1]
         try:
-            mrope = mrope_positions(row_ids, row_kinds, grid if has_image else None, merge)
+            positions[1:, a:b] = mrope_positions(input_ids[a:b], kinds[a:b], grid, merge)
         except ValueError as e:
             raise ValueError(f"pack: row {i}: {e}") from None
-        ids.append(row_ids)
-        kinds.append(row_kinds)
-        positions.append(np.concatenate([np.arange(row_ids.size)[None], mrope]))
-        if has_image:
-            pixels.append(np.asarray(pv, dtype=np.float32).reshape(-1, np.shape(pv)[-1]))
-            grids.append(np.asarray(grid, dtype=np.int64).reshape(-1, 3))
-    lengths = np.array([len(x) for x in ids])
+        pixels.append(np.asarray(pv, dtype=np.float32).reshape(-1, np.shape(pv)[-1]))
+        grids.append(np.asarray(grid, dtype=np.int64).reshape(-1, 3))
     batch = {
-        "input_ids": torch.from_numpy(np.concatenate(ids))[None],
-        "mm_token_type_ids": torch.from_numpy(np.concatenate(kinds))[None],
-        "position_ids": torch.from_numpy(np.concatenate(positions, axis=1))[:, None],
-        "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
+        "input_ids": torch.from_numpy(input_ids)[None],
+        "mm_token_type_ids": torch.from_numpy(kinds)[None],
+        "position_ids": torch.from_numpy(positions)[:, None],
+        "cu_seqlens": torch.from_numpy(starts.astype(np.int32)),
         "seq_ids": torch.from_numpy(np.repeat(np.arange(len(rows)), lengths))[None],
     }
     if pixels:
@@ -253,13 +258,34 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                 extra["enable_gqa"] = True
             else:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        longest = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        longest = kwargs.get("max_length_q")
+        longest = int((cu[1:] - cu[:-1]).max() if longest is None else longest)
+        docs = cu.shape[0] - 1
+        if not causal and groups == 1 and longest * docs == q.shape[0]:
+            # Every document has the same length (a vision batch of equal-sized images): one dense
+            # batched call, where cuDNN's kernel runs head_dim 80 at 1.6× the varlen kernel on an
+            # H100 (bench/vision_attention.py).
+            return dense_attention(q, k, v, docs, scaling)[None], None
         out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
     else:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = _varlen_reference(q, k, v, cu, scaling, causal)
     return out[None], None
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: int, scale: float | None) -> torch.Tensor:
+    """Non-causal attention within `docs` equal-length documents packed in (T, H, hd) → (T, H, hd),
+    as one batched SDPA call that prefers cuDNN, then FlashAttention, then the others."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    total, heads, dim = q.shape
+    q, k, v = (x.view(docs, total // docs, heads, dim).transpose(1, 2) for x in (q, k, v))
+    priority = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
+    with sdpa_kernel(order, **priority):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(total, heads, dim)
 
 
 def register_varlen_attention() -> str:
