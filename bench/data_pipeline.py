@@ -1,6 +1,6 @@
 """Data pipeline throughput: read → mix → decode/encode → collate, against the raw Parquet read.
 
-    python bench/data_pipeline.py [--n-text 4000] [--n-image 1000] [--batch 32]
+    python bench/data_pipeline.py [--n-text 64000] [--n-image 1000] [--batch 32]
 
 On synthetic shards (written to a temporary folder) and the tiny model's processor:
   raw read        Ray Data read_parquet → iter_rows over the same shards (the baseline)

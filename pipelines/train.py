@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (init / "vipoly.json").exists():
             build_tiny(init, seed=cfg.train.seed)
         cfg.model.backbone = str(init)
+    from vipoly.train.batches import inputs_dir
+
+    if inputs_dir(cfg) != cfg.model.backbone:  # a plain Qwen2-VL checkpoint: no tokenizer folder of ours yet
+        from vipoly.model.inputs import save_inputs
+
+        save_inputs(cfg.model, inputs_dir(cfg))
     cfg.save(run_dir / "config.yaml")
     (run_dir / "STOPPED").unlink(missing_ok=True)
     print(f"vipoly train → {run_dir}\n{(run_dir / 'config.yaml').read_text()}", flush=True)

@@ -156,3 +156,27 @@ def test_buffer_shuffle_is_a_permutation():
     out = list(buffer_shuffle(range(100), 10, random.Random(0)))
     assert sorted(out) == list(range(100)) and out != list(range(100))
     assert list(buffer_shuffle(range(5), 0, random.Random(0))) == list(range(5))
+
+
+def test_sources_start_together_and_close():
+    """The first sample opens every source at once (their start-up waits overlap), and closing the
+    stream closes every source's rows."""
+    started, closed = [], []
+
+    def source(name):
+        def open_epoch(epoch):
+            def gen():
+                started.append(name)
+                try:
+                    yield from rows(name, 4)
+                finally:
+                    closed.append(name)
+            return gen()
+        return open_epoch
+
+    s = MixedStream({"a": source("a"), "b": source("b"), "c": source("c")}, {"a": 1, "b": 1, "c": 1})
+    first = s.next()
+    assert sorted(started) == ["a", "b", "c"] and first["id"] == "a0"
+    assert [s.next()["id"] for _ in range(5)] == ["b0", "c0", "a1", "b1", "c1"]
+    s.close()
+    assert sorted(closed) == ["a", "b", "c"]

@@ -114,6 +114,22 @@ def test_build_from_a_plain_qwen2vl_folder(tiny_model, tmp_path):
     e = model.eval().encode(TEXTS[:2], IMAGES[:2], task="vqa_single")
     assert e.shape == (2, 16) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
 
+    # Training from such a checkpoint: the data workers get the same inputs from a weightless folder.
+    from vipoly.config import Config
+    from vipoly.data.encode import TextEncoder
+    from vipoly.model.inputs import save_inputs
+    from vipoly.train.batches import inputs_dir
+
+    cfg = Config.model_validate({"model": model.cfg.model_dump(), "run": {"dir": str(tmp_path / "run")}})
+    assert inputs_dir(cfg) == str(tmp_path / "run" / "inputs")
+    builder = InputBuilder.from_pretrained(save_inputs(cfg.model, inputs_dir(cfg)))
+    assert builder.prefix_ids == model.inputs.prefix_ids == TextEncoder(inputs_dir(cfg)).prefix_ids
+    for got, want in zip(builder.encode_one(TEXTS[0], IMAGES[0], "ocr").values(),
+                         model.inputs.encode_one(TEXTS[0], IMAGES[0], "ocr").values()):
+        assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="format"):
+        PolyEmbedder.from_pretrained(inputs_dir(cfg))
+
 
 # ---------------------------------------------------------------- encode contract
 @pytest.mark.parametrize("kwargs,n", [({"texts": TEXTS}, 4), ({"images": IMAGES}, 4),

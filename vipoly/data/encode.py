@@ -191,9 +191,14 @@ ENCODING_VERSION = 1  # bump when the encoded layout changes: old copies then st
 
 def fingerprint(model_dir: str | Path) -> str:
     """What a text row's encoding depends on: the tokenizer file, max_length and this layout."""
+    return _fingerprint(str(model_dir))
+
+
+@lru_cache(maxsize=4)
+def _fingerprint(model_dir: str) -> str:  # hashing a 150k-token vocabulary once per process, not per file
     import hashlib
 
-    enc = text_encoder(str(model_dir))
+    enc = text_encoder(model_dir)
     digest = hashlib.sha256(enc.tokenizer.to_str().encode())
     digest.update(f"{enc.max_length}/{ENCODING_VERSION}".encode())
     return digest.hexdigest()[:16]

@@ -184,6 +184,26 @@ def buffer_shuffle(rows: Iterable[Any], size: int, rng: random.Random) -> Iterat
             close()
 
 
+def _primed(rows: Iterator[Any]) -> Iterator[Any]:
+    """`rows` with its first item already pulled (so its source is running), closable as `rows` is."""
+    first = next(rows, _END)
+
+    def replay() -> Iterator[Any]:
+        try:
+            if first is not _END:
+                yield first
+                yield from rows
+        finally:
+            close = getattr(rows, "close", None)
+            if close:
+                close()
+
+    return replay()
+
+
+_END = object()
+
+
 class MixedStream:
     """An endless stream of rows from several sources, mixed by `weights` (see the module docstring).
 
@@ -224,9 +244,24 @@ class MixedStream:
                                  f"position's offset {self.position.offset[name]}: did the data change?")
         return it
 
+    def _start_all(self) -> None:
+        """Open every source not yet open, at once: a Ray Data pipeline waits seconds for its first
+        block, and sources opened one after another (as the scheduler first picks each) would add
+        those waits up. Each source's rows are the same whichever thread pulled its first one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = [n for n in self._open if n not in self._iters]
+        if len(names) < 2:
+            return
+        with ThreadPoolExecutor(len(names), thread_name_prefix="vipoly-open") as pool:
+            for name, it in zip(names, pool.map(lambda n: _primed(self._start(n)), names)):
+                self._iters[name] = it
+
     def _next_row(self, name: str) -> dict[str, Any]:
         if name not in self._iters:
-            self._iters[name] = self._start(name)
+            self._start_all()
+            if name not in self._iters:  # the only source: nothing to overlap
+                self._iters[name] = self._start(name)
         row = next(self._iters[name], None)
         if row is None:  # end of a pass: start the next epoch of this source
             if self.position.offset[name] == 0:

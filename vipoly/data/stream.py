@@ -9,9 +9,11 @@ Per source and pass ("epoch") the pipeline is
 
     read_parquet(files, in an order shuffled per epoch) → keep this worker's rows → encode_table
 
-whose blocks come back as Arrow tables (`iter_batches`, not `iter_rows`: no Python object per
-value) and are split into rows (`table_rows`: numpy views) that feed `MixedStream`, which shuffles each source through a seeded buffer and picks the
-source of every sample by the exact-ratio scheduler.
+(or, for a source pre-encoded by `python -m vipoly.data.encode`, read its copies → keep this
+worker's rows), whose blocks come back as Arrow tables (`iter_batches`, not `iter_rows`: no Python
+object per value) and are split into rows of numpy views (`table_rows`). The rows feed
+`MixedStream`, which shuffles each source through a seeded buffer and picks the source of every
+sample by the exact-ratio scheduler.
 
 Per-worker sharding: worker r of W keeps the rows with crc32(id) mod W = r. Every row belongs to
 exactly one worker whatever the file or block layout, and the choice depends on the data alone, so
@@ -106,8 +108,8 @@ def _rows(ds, split: Callable[[pa.Table], list[dict[str, Any]]]) -> Iterator[dic
 
 TEXT_BLOCK_ROWS = 1024
 """Rows per encoded block of a text source. Each Ray Data task costs tens of ms on top of its work;
-a text row encodes in ≈ 0.15 ms, so small blocks were mostly overhead (256-row blocks: 3,300 rows/s,
-1,024: 7,400 rows/s for one source on 2 cores)."""
+a text row encodes in ≈ 0.15 ms, so small blocks were mostly overhead (one source on 2 cores:
+256-row blocks 3,300–4,000 rows/s, 1,024-row blocks 7,400)."""
 IMAGE_BLOCK_ROWS = 32
 """Rows per encoded block of an image source: a 448² image is ≈ 4.8 MB of float32 patches once
 encoded, so 32 rows make blocks of ≈ 150 MB; decoding, at ≈ 20 ms an image, dwarfs the task cost."""

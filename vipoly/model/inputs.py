@@ -59,6 +59,25 @@ def decode_image(x: Any) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def save_inputs(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """The input side of `PolyEmbedder.build(model_cfg)` without its weights: the processor, with the
+    task tokens `build` adds (same tokens, same order, so the same ids), and vipoly.json's model
+    config. The data workers (`InputBuilder.from_pretrained`, vipoly.data.encode) read a PolyEmbedder
+    folder; a training run that starts from a plain Qwen2-VL checkpoint (a hub id) has none, so
+    `pipelines.train` writes this for them. It holds no weights: `from_pretrained` refuses it."""
+    from vipoly.model.backbone import load_processor, save_processor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = load_processor(model_cfg.backbone)
+    if model_cfg.task_tokens:
+        processor.tokenizer.add_tokens([prefix(t).strip() for t in TASKS], special_tokens=True)
+    save_processor(processor, out)
+    meta = {"format": "inputs-only", "model": model_cfg.model_dump(mode="json")}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
 class InputBuilder:
     """Tokenises text, runs the image processor, lays out one input, and pads batches.
 

@@ -13,7 +13,7 @@ from vipoly.config import Config, TrainConfig
 from vipoly.data.collate import load_builder, pair_labels, sides
 from vipoly.data.stream import build_stream, resolve_sources, worker_rows
 
-__all__ = ["StreamFactory", "TrainStream", "resolve_sources"]
+__all__ = ["StreamFactory", "TrainStream", "inputs_dir", "resolve_sources"]
 
 
 class Prefetcher:
@@ -65,7 +65,7 @@ class TrainStream:
         import ray.data  # ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # ray: workers log the console line instead
-        self.model_dir = cfg.model.backbone
+        self.model_dir = inputs_dir(cfg)
         self.builder = load_builder(self.model_dir)
         self.files = resolve_sources(cfg.data)
         self._open(None)
@@ -118,6 +118,18 @@ class TrainStream:
         if self._prefetch is not None:
             self._prefetch.close()  # first: the thread is the only user of the stream
         self.stream.close()
+
+
+def inputs_dir(cfg: Config) -> str:
+    """Where the data workers find the model's tokenizer and image processor: the backbone itself
+    when it is a PolyEmbedder folder, else `<run.dir>/inputs` (`pipelines.train` writes it with
+    `vipoly.model.inputs.save_inputs` before training starts)."""
+    from pathlib import Path
+
+    from vipoly.data.encode import META_FILE
+
+    backbone = Path(cfg.model.backbone)
+    return str(backbone if (backbone / META_FILE).is_file() else Path(cfg.run.dir) / "inputs")
 
 
 class StreamFactory:
