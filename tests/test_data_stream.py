@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -179,3 +180,15 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
     os.utime(stale, ns=(os.stat(stale).st_atime_ns, os.stat(stale).st_mtime_ns + 10**9))
     assert encoded_files(files["instr"], cache, tiny_model_dir) is None
     assert encoded_files(files["text_pair"], "", tiny_model_dir) is None  # data.encoded_dir="" turns it off
+
+
+def test_encoding_empty_blocks_and_rows_without_content(tiny_model_dir, prepared):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(prepared / "instr")
+    empty = encode_table(table.slice(0, 0), str(tiny_model_dir))
+    assert empty.num_rows == 0 and table_rows(empty) == []
+    bad = table.slice(0, 3).set_column(table.schema.get_field_index("pos_text"), "pos_text",
+                                       pa.array(["ok", None, "ok"], pa.string()))
+    with pytest.raises(ValueError, match=rf"row '{table.column('id')[1].as_py()}': pos_text and pos_images"):
+        encode_table(bad, str(tiny_model_dir))

@@ -116,6 +116,10 @@ def encode_table(table: pa.Table, model_dir: str) -> pa.Table:
     for side, (text_key, image_key) in SIDES.items():
         texts = table.column(text_key).to_pylist() if text_key in table.column_names else [None] * n
         images = table.column(image_key).to_pylist() if image_key in table.column_names else [None] * n
+        empty = [i for i in range(n) if texts[i] is None and not images[i]]
+        if empty:  # prepare rejects such rows; a source that skipped prepare gets told which one
+            raise ValueError(f"row {table.column('id')[empty[0]].as_py()!r}: {text_key} and {image_key} "
+                             f"are both empty ({len(empty)} such rows in this block)")
         columns.update(_encode_side(side, texts, images, tasks, str(model_dir)))
     return pa.table(columns)
 
@@ -139,16 +143,17 @@ def _encode_side(side: str, texts: list, images: list, tasks: list[str], model_d
               else np.zeros(0, np.float32) for r in rows]
     grids = [np.asarray(r["image_grid_thw"], dtype=np.int64).reshape(-1) if "pixel_values" in r
              else np.zeros(0, np.int64) for r in rows]
-    return {f"{side}_input_ids": _lists(ids, pa.ListArray), f"{side}_mm_token_type_ids": _lists(kinds, pa.ListArray),
-            f"{side}_pixel_values": _lists(pixels, pa.LargeListArray),
-            f"{side}_image_grid_thw": _lists(grids, pa.ListArray)}
+    return {f"{side}_input_ids": _lists(ids, np.int32), f"{side}_mm_token_type_ids": _lists(kinds, np.int8),
+            f"{side}_pixel_values": _lists(pixels, np.float32, large=True),
+            f"{side}_image_grid_thw": _lists(grids, np.int64)}
 
 
-def _lists(parts: list[np.ndarray], kind) -> pa.Array:
+def _lists(parts: list[np.ndarray], dtype, large: bool = False) -> pa.Array:
     """Ragged numpy arrays → one Arrow list array (one concatenation, no per-value objects)."""
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64 if kind is pa.LargeListArray else np.int32)
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64 if large else np.int32)
     np.cumsum([len(p) for p in parts], out=offsets[1:])
-    return kind.from_arrays(pa.array(offsets), pa.array(np.concatenate(parts)))
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return (pa.LargeListArray if large else pa.ListArray).from_arrays(pa.array(offsets), pa.array(values))
 
 
 # ---------------------------------------------------------------- the consumer
@@ -264,11 +269,14 @@ def encode_file(source: str, cache: str, model_dir: str, chunk_rows: int = 4096)
                 writer = pq.ParquetWriter(tmp, table.schema.with_metadata(_stamp(src)))
             writer.write_table(table)
             rows += table.num_rows
-    finally:
+    except BaseException:
         if writer is not None:
             writer.close()
+        tmp.unlink(missing_ok=True)  # no half-written copy left behind
+        raise
     if writer is None:
         return {"source": str(src), "rows": 0, "skipped": "empty"}
+    writer.close()
     os.replace(tmp, out)
     return {"source": str(src), "rows": rows, "path": str(out)}
 
