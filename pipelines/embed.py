@@ -312,10 +312,11 @@ class Embedder:
 
         import torch
 
+        from vipoly.data.encode import list_views
         from vipoly.model import matryoshka
 
         # Columns → numpy views; `to_pylist` would make a Python float of every pixel value.
-        ids, mm, pixels, grids = (_ragged(batch.column(c)) for c in
+        ids, mm, pixels, grids = (list_views(batch.column(c)) for c in
                                   ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"))
         dims = batch.column("pixel_dim").to_pylist()
         rows = []
@@ -338,15 +339,6 @@ class Embedder:
                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.dim),
                          "model": pa.array([self.name] * len(rows), pa.string()),
                          "dim": pa.array([self.dim] * len(rows), pa.int32())})
-
-
-def _ragged(column: pa.ChunkedArray) -> list[np.ndarray | None]:
-    """A list column → one numpy view per row (None where the row is null), without copying."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
 
 
 # ------------------------------------------------------------------ driver

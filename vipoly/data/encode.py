@@ -167,27 +167,26 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
     rows = [{"id": plain["id"][i], "task": plain["task"][i], "lang": plain["lang"][i],
              "score": None if np.isnan(scores[i]) else float(scores[i])} for i in range(n)]
     for side in SIDES:
-        ids, ids_at = _flat(table, f"{side}_input_ids")
-        kinds, _ = _flat(table, f"{side}_mm_token_type_ids")
-        pixels, pixels_at = _flat(table, f"{side}_pixel_values")
-        grids, grids_at = _flat(table, f"{side}_image_grid_thw")
+        ids, kinds, pixels, grids = (list_views(table.column(f"{side}_{k}")) for k in ENCODED_KEYS)
         for i, row in enumerate(rows):
-            a, b = ids_at[i], ids_at[i + 1]
-            row[f"{side}_input_ids"] = ids[a:b]
-            row[f"{side}_mm_token_type_ids"] = kinds[a:b]
-            if grids_at[i + 1] > grids_at[i]:
-                grid = grids[grids_at[i]:grids_at[i + 1]].reshape(-1, 3)
-                patches = int(np.prod(grid, axis=1).sum())
-                row[f"{side}_pixel_values"] = pixels[pixels_at[i]:pixels_at[i + 1]].reshape(patches, -1)
+            row[f"{side}_input_ids"] = ids[i]
+            row[f"{side}_mm_token_type_ids"] = kinds[i]
+            if len(grids[i]):
+                grid = grids[i].reshape(-1, 3)
+                row[f"{side}_pixel_values"] = pixels[i].reshape(int(np.prod(grid, axis=1).sum()), -1)
                 row[f"{side}_image_grid_thw"] = grid
     return rows
 
 
-def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a list column as numpy, the offsets rebased to the values."""
-    column = table.column(name).combine_chunks()
-    offsets = column.offsets.to_numpy()  # a sliced array's offsets start past 0; flatten() honours the slice
-    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+def list_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """A list column → one numpy view per row (None where the row is null), without copying: no
+    Python object per value, unlike `to_pylist`. Offsets index the unsliced child array, so a
+    sliced column works as it is."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
 
 
 # ---------------------------------------------------------------- pre-encoded text

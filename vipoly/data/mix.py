@@ -161,6 +161,14 @@ def _opener(source: SourceLike) -> Callable[[int], Iterable[dict[str, Any]]]:
     return lambda epoch: source
 
 
+def close_rows(rows: Any) -> None:
+    """Close an iterator of rows where it can be closed (a generator, Ray's block iterator), so that
+    the pipeline behind it stops now rather than at garbage collection."""
+    close = getattr(rows, "close", None)
+    if close:
+        close()
+
+
 def buffer_shuffle(rows: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Streaming shuffle: keep `size` rows, emit a random one as each new row arrives, drain at the end."""
     it = iter(rows)
@@ -179,9 +187,7 @@ def buffer_shuffle(rows: Iterable[Any], size: int, rng: random.Random) -> Iterat
         rng.shuffle(buf)
         yield from buf
     finally:  # closing the shuffle closes the source's pipeline too
-        close = getattr(it, "close", None)
-        if close:
-            close()
+        close_rows(it)
 
 
 def _primed(rows: Iterator[Any]) -> Iterator[Any]:
@@ -194,9 +200,7 @@ def _primed(rows: Iterator[Any]) -> Iterator[Any]:
                 yield first
                 yield from rows
         finally:
-            close = getattr(rows, "close", None)
-            if close:
-                close()
+            close_rows(rows)
 
     return replay()
 
@@ -304,9 +308,7 @@ class MixedStream:
     def close(self) -> None:
         """Stop the sources' pipelines now rather than at garbage collection."""
         for it in self._iters.values():
-            close = getattr(it, "close", None)
-            if close:
-                close()
+            close_rows(it)
         self._iters.clear()
 
     def __enter__(self) -> "MixedStream":

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from vipoly.config import DataConfig
 from vipoly.data.encode import default_cache, encode_table, encoded_files, table_rows
-from vipoly.data.mix import MixedStream, MixPosition
+from vipoly.data.mix import MixedStream, MixPosition, close_rows
 from vipoly.data.shards import keep_worker_rows, read_parquet, shard_files, task_sources
 
 
@@ -101,9 +101,7 @@ def _rows(ds, split: Callable[[pa.Table], list[dict[str, Any]]]) -> Iterator[dic
         for table in blocks:
             yield from split(table)
     finally:
-        close = getattr(blocks, "close", None)  # a generator: closing it shuts the executor down
-        if close:
-            close()
+        close_rows(blocks)  # a generator: closing it shuts the executor down
 
 
 TEXT_BLOCK_ROWS = 1024

@@ -35,8 +35,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vipoly.model.pooling import AttentionPooling, LastTokenPooling, MeanPooling, MultiHeadAttentionPooling
+
+try:  # torch ≥ 2.9
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+# Keyword names that changed across torch releases, read once here: inspect.signature inside the
+# attention call makes torch.compile break the graph there, in every layer.
+_VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+_SDPA_PRIORITY = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
 
 VARLEN = "vipoly_varlen"
 """Attention implementation name for PyTorch's varlen FlashAttention (see `register_varlen_attention`)."""
@@ -248,9 +259,7 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (T, H, hd), as the kernel wants
     groups = q.shape[1] // k.shape[1]
     if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        params = inspect.signature(varlen_attn).parameters
+        params = _VARLEN_PARAMS
         # torch 2.10 takes is_causal; later versions a (left, right) window, (-1, 0) being causal.
         extra = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params else {"is_causal": causal}
         if groups > 1:
@@ -277,13 +286,10 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: int, scale: float | None) -> torch.Tensor:
     """Non-causal attention within `docs` equal-length documents packed in (T, H, hd) → (T, H, hd),
     as one batched SDPA call that prefers cuDNN, then FlashAttention, then the others."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     total, heads, dim = q.shape
     q, k, v = (x.view(docs, total // docs, heads, dim).transpose(1, 2) for x in (q, k, v))
-    priority = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
-    with sdpa_kernel(order, **priority):
+    with sdpa_kernel(order, **_SDPA_PRIORITY):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(total, heads, dim)
 
