@@ -46,9 +46,13 @@ def raw_read(files: dict[str, list[str]], blocks: bool = False) -> tuple[int, fl
 
 
 def stream_rate(data, model_dir, n: int, batch: int, collate) -> tuple[int, float, float]:
-    """(samples, seconds in all, seconds to the first batch) of the mixed stream."""
+    """(samples, seconds in all, seconds to the first batch) of the mixed stream, after a short
+    pass that starts the Ray workers it needs and loads the processor in them (as the raw read
+    gets a warm-up pass)."""
     from vipoly.data.stream import build_stream
 
+    with build_stream(data, model_dir, seed=1) as stream:
+        next(stream.iter_batches(batch, collate))
     t0 = time.perf_counter()
     with build_stream(data, model_dir, seed=0) as stream:
         batches = stream.iter_batches(batch, collate)
@@ -192,7 +196,6 @@ def main(argv: list[str] | None = None) -> None:
         n_blk, s_blk, f_blk = raw_read(files, blocks=True)
         base = rate(n_raw, s_raw)
         data = DataConfig(root=str(root), mix=mix, shuffle_buffer=256)
-        stream_rate(data, model_dir, 2 * args.batch, args.batch, collate)  # warm: processor loaded in the workers
         print(f"\n[{kind}] mix {mix}, batch {args.batch}")
         print(line("raw read (read_parquet → rows)", n_raw, s_raw, f_raw))
         print(line("raw read (read_parquet → Arrow blocks)", n_blk, s_blk, f_blk, base))

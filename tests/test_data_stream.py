@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from vipoly.config import DataConfig
 from vipoly.data import synthetic
 from vipoly.data.collate import PairCollate, RayPairCollateFn, collate_pairs, load_builder
-from vipoly.data.encode import SIDES, encode_table, encoded_files, table_rows
+from vipoly.data.encode import SIDES, encode_table, encoded_files, row_handles, table_rows
 from vipoly.data.mix import measure_ratio
 from vipoly.data.shards import task_sources
 from vipoly.data.stream import build_stream, ray_source, resolve_sources, worker_rows
@@ -130,13 +131,41 @@ def test_ray_collate_equals_row_collate(tiny_model_dir, prepared):
     enc = encode_table(table, str(tiny_model_dir))
     via_ray = RayPairCollateFn(tiny_model_dir)(enc)
     via_rows = collate_pairs(table_rows(enc), load_builder(str(tiny_model_dir)))
-    for side in ("query", "pos"):
-        assert via_ray[side].keys() == via_rows[side].keys()
-        for k in via_ray[side]:
-            assert torch.equal(via_ray[side][k], via_rows[side][k])
+    assert_same_batch(via_ray, via_rows)
     assert via_ray["task_ids"].tolist() == [3, 3, 3, 1, 1]
     assert torch.isnan(via_ray["scores"]).all()
     assert via_ray["query"]["image_grid_thw"].shape == (3, 3) and "pixel_values" not in via_ray["pos"]
+
+
+def test_block_rows_collate_as_dicts(tiny_model_dir, prepared):
+    """The stream's row handles, drawn from several blocks in an interleaved order (as the mixer
+    hands them out), collate to exactly the batch their dicts give; a handle reads as its dict."""
+    import pyarrow.parquet as pq
+
+    builder = load_builder(str(tiny_model_dir))
+    blocks = [encode_table(pq.read_table(prepared / task).slice(1, 6), str(tiny_model_dir))
+              for task in ("text_pair", "ocr", "vqa_multi")]
+    handles = [row_handles(b.slice(1)) for b in blocks]  # sliced: offsets that do not start at 0
+    dicts = [table_rows(b.slice(1)) for b in blocks]
+    order = [(b, i) for i in range(5) for b in (2, 0, 1)][::-1]
+    batch_h = [handles[b][i] for b, i in order]
+    batch_d = [dicts[b][i] for b, i in order]
+    assert_same_batch(collate_pairs(batch_h, builder), collate_pairs(batch_d, builder))
+    assert collate_pairs(batch_h, builder)["query"]["image_grid_thw"].shape[0] == 10
+    row = batch_h[0]
+    assert row.keys() == batch_d[0].keys() and row.get("task") == "ocr" and row.get("missing", 7) == 7
+    assert all(np.array_equal(row[k], v) if isinstance(v, np.ndarray) else row[k] == v for k, v in batch_d[0].items())
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for side in ("query", "pos"):
+        assert a[side].keys() == b[side].keys()
+        for k in a[side]:
+            assert a[side][k].dtype == b[side][k].dtype and torch.equal(a[side][k], b[side][k]), (side, k)
+    assert torch.equal(a["task_ids"], b["task_ids"]) and torch.equal(a["scores"].isnan(), b["scores"].isnan())
+    assert torch.equal(a["scores"].nan_to_num(-1), b["scores"].nan_to_num(-1))
+    assert a["lang"] == b["lang"] and a["id"] == b["id"]
 
 
 def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_model_dir, tmp_path, capsys):

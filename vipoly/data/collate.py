@@ -1,22 +1,27 @@
 """Encoded rows → model batches: the collate of the training stream and of Ray's own batching.
 
-Rows come from `vipoly.data.encode` (`encode_table` in a Ray Data stage, `table_rows` on the
-consumer side): each side (query, positive) holds `q_<key>` / `p_<key>` numpy arrays in the
-`InputBuilder.encode_one` layout. `collate_pairs` pads both sides with `InputBuilder.pad` and adds
-`task_ids` (B,) long in TASKS order, `scores` (B,) float32 with NaN where a row has no score, and
-the rows' `lang` and `id`.
+Rows come from `vipoly.data.encode` (`encode_table` in a Ray Data stage; `row_handles` or
+`table_rows` dicts on the consumer side): each side (query, positive) holds `q_<key>` / `p_<key>`
+numpy arrays in the `InputBuilder.encode_one` layout. `collate_pairs` pads both sides as
+`InputBuilder.pad` does and adds `task_ids` (B,) long in TASKS order, `scores` (B,) float32 with
+NaN where a row has no score, and the rows' `lang` and `id`.
+
+Rows that are `BlockRow` handles (what the training stream yields) give their sides and labels
+straight from their blocks' columns, with no dict per row and key.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from vipoly.data.encode import ENCODED_KEYS, SIDES, load_builder, table_rows
+from vipoly.data.encode import ENCODED_KEYS, SIDES, BlockRow, load_builder, row_handles
 from vipoly.tasks import TASK_INDEX
 
 __all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "load_builder", "pair_labels", "sides"]
@@ -25,21 +30,28 @@ __all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "load_builder", "
 _SIDE_KEYS = {side: [(k, f"{side}_{k}") for k in ENCODED_KEYS] for side in SIDES}
 
 
-def _side(row: dict[str, Any], side: str) -> dict[str, Any]:
+def _side(row: Mapping[str, Any], side: str) -> dict[str, Any]:
+    if type(row) is BlockRow:
+        return row.side(side)
     return {k: row[name] for k, name in _SIDE_KEYS[side] if name in row}
 
 
-def pair_labels(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def pair_labels(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     """What a batch carries besides the inputs: task_ids (B,) long in TASKS order, scores (B,)
     float32 with NaN = no score, lang and id lists."""
     if not rows:
         raise ValueError("collate_pairs: no rows")
-    scores = [r.get("score") for r in rows]
+    if all(type(r) is BlockRow for r in rows):  # straight from the blocks' columns
+        tasks, scores = [r.block.task[r.i] for r in rows], [r.block.score[r.i] for r in rows]
+        lang, ids = [r.block.lang[r.i] for r in rows], [r.block.id[r.i] for r in rows]
+    else:
+        tasks, lang, ids = [r["task"] for r in rows], [r["lang"] for r in rows], [r["id"] for r in rows]
+        scores = [math.nan if r.get("score") is None else r["score"] for r in rows]
     return {
-        "task_ids": torch.tensor([TASK_INDEX[str(r["task"])] for r in rows], dtype=torch.long),
-        "scores": torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32),
-        "lang": [str(r["lang"]) for r in rows],
-        "id": [str(r["id"]) for r in rows],
+        "task_ids": torch.from_numpy(np.fromiter((TASK_INDEX[str(t)] for t in tasks), np.int64, len(rows))),
+        "scores": torch.from_numpy(np.asarray(scores, dtype=np.float32)),
+        "lang": [str(x) for x in lang],
+        "id": [str(x) for x in ids],
     }
 
 
@@ -48,11 +60,11 @@ def sides(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [_side(r, s) for s in SIDES for r in rows]
 
 
-def collate_pairs(rows: list[dict[str, Any]], builder) -> dict[str, Any]:
+def collate_pairs(rows: list[Mapping[str, Any]], builder) -> dict[str, Any]:
     """Encoded rows → {query, pos: padded tensors} and `pair_labels`."""
     labels = pair_labels(rows)
-    return {"query": builder.pad([_side(r, "q") for r in rows]), "pos": builder.pad([_side(r, "p") for r in rows]),
-            **labels}
+    query, pos = (builder.pad([_side(r, side) for r in rows]) for side in SIDES)
+    return {"query": query, "pos": pos, **labels}
 
 
 class PairCollate:
@@ -73,4 +85,4 @@ class RayPairCollateFn(ArrowBatchCollateFn):
         self.model_dir = str(model_dir)
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        return collate_pairs(table_rows(batch), load_builder(self.model_dir))
+        return collate_pairs(row_handles(batch), load_builder(self.model_dir))

@@ -11,7 +11,8 @@ Per source and pass ("epoch") the pipeline is
 
 (or, for a source pre-encoded by `python -m vipoly.data.encode`, read its copies → keep this
 worker's rows), whose blocks come back as Arrow tables (`iter_batches`, not `iter_rows`: no Python
-object per value) and are split into rows of numpy views (`table_rows`). The rows feed
+object per value) and are split into `BlockRow` handles (`row_handles`; the collate gathers a batch
+from the blocks' columns). The rows feed
 `MixedStream`, which shuffles each source through a seeded buffer and picks the source of every
 sample by the exact-ratio scheduler.
 
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 
 from vipoly.config import DataConfig
-from vipoly.data.encode import default_cache, encode_table, encoded_files, table_rows
+from vipoly.data.encode import default_cache, encode_table, encoded_files, row_handles
 from vipoly.data.mix import MixedStream, MixPosition, close_rows
 from vipoly.data.shards import keep_worker_rows, read_parquet, shard_files, task_sources
 
@@ -65,7 +66,7 @@ def ray_source(files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0
     file as one block would make the first encoded row wait for the whole file's encoding; plain
     reads keep Ray's larger blocks, which are cheaper per row). `encoded`: pre-encoded copies of
     `files` (`vipoly.data.encode.encoded_files`), same rows in the same order, read instead of
-    encoding. One encoding task per CPU: more made Ray start more worker processes, each paying
+    encoding, in blocks of about `ENCODED_BLOCK_ROWS` rows. One encoding task per CPU: more made Ray start more worker processes, each paying
     its imports, and ran slower on 2 cores.
     """
     if not files:
@@ -75,6 +76,8 @@ def ray_source(files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0
     if encoded is not None and len(encoded) != len(files):
         raise ValueError(f"ray_source: {len(encoded)} encoded copies for {len(files)} files")
     num_blocks = None
+    if encoded is not None:
+        num_blocks = -(-count_rows(encoded) // ENCODED_BLOCK_ROWS)
     if model_dir is not None and encoded is None:
         block_rows = block_rows or (IMAGE_BLOCK_ROWS if has_images(files) else TEXT_BLOCK_ROWS)
         num_blocks = max(len(files), -(-count_rows(files) // block_rows))
@@ -89,7 +92,7 @@ def ray_source(files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0
             ds = ds.map_batches(encode_table, fn_kwargs={"model_dir": str(model_dir)}, batch_format="pyarrow",
                                 batch_size=block_rows, num_cpus=encode_num_cpus)  # ray: decode + processor
         ds.context.execution_options.preserve_order = True  # ray: the same order on every replay
-        return _rows(ds, table_rows if model_dir is not None else pa.Table.to_pylist)
+        return _rows(ds, row_handles if model_dir is not None else pa.Table.to_pylist)
 
     return open_epoch
 
@@ -108,6 +111,11 @@ TEXT_BLOCK_ROWS = 1024
 """Rows per encoded block of a text source. Each Ray Data task costs tens of ms on top of its work;
 a text row encodes in ≈ 0.15 ms, so small blocks were mostly overhead (one source on 2 cores:
 256-row blocks 3,300–4,000 rows/s, 1,024-row blocks 7,400)."""
+ENCODED_BLOCK_ROWS = 16384
+"""Rows per block read from pre-encoded copies. Ray's default split a 16k-row file into six blocks,
+and each block costs the consumer's process (Ray's executor and iterator threads share its GIL)
+about as much as a few thousand rows: one 16k-row block per file read at 30–34k samples/s through
+the mix and collate, six blocks at 22–24k (bench/data_pipeline.py, 2 cores)."""
 IMAGE_BLOCK_ROWS = 32
 """Rows per encoded block of an image source: a 448² image is ≈ 4.8 MB of float32 patches once
 encoded, so 32 rows make blocks of ≈ 150 MB; decoding, at ≈ 20 ms an image, dwarfs the task cost."""
