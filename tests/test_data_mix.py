@@ -7,7 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from vipoly.data.mix import MixedStream, MixPosition, RatioScheduler, buffer_shuffle, integer_weights, measure_ratio
+from vipoly.data.mix import (ListSource, MixedStream, MixPosition, RatioScheduler, buffer_shuffle, integer_weights,
+                             measure_ratio)
 
 WEIGHT_SETS = [
     {"text_pair": 0.45, "instr": 0.05, "ocr": 0.2, "vqa_single": 0.15, "vqa_multi": 0.15},  # the default mix
@@ -150,6 +151,40 @@ def test_stream_errors_name_the_problem():
                                                                  "offset": {"a": 5}})
     with pytest.raises(ValueError, match="did the data change"):
         shrunk.next()
+
+
+class CountingSource(ListSource):
+    """A list source that records what a resume asks of it."""
+
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.selects = []
+
+    def select(self, epoch, head, start):
+        self.selects.append((len(head), start))
+        return super().select(epoch, head, start)
+
+
+@pytest.mark.parametrize("size", [0, 1, 8, 50])
+@pytest.mark.parametrize("stop", [1, 7, 20, 35, 39, 40, 41, 73, 118])
+def test_resume_reads_only_the_rows_still_to_come(size, stop):
+    """A source that selects rows by index is read, on resume, only for the rows the shuffle buffer
+    held and those it had not reached: the shuffle is replayed on indices. The stream is the same
+    as without the stop, in the fill, steady and drain phases and across epochs (40 rows a pass)."""
+    full = MixedStream({"a": rows("a", 40)}, {"a": 1}, seed=3, shuffle_buffer=size)
+    expected = [full.next()["id"] for _ in range(160)]
+    first = MixedStream({"a": rows("a", 40)}, {"a": 1}, seed=3, shuffle_buffer=size)
+    head = [first.next()["id"] for _ in range(stop)]
+    source = CountingSource(rows("a", 40))
+    resumed = MixedStream({"a": source}, {"a": 1}, seed=3, shuffle_buffer=size, position=first.state())
+    tail = [resumed.next()["id"] for _ in range(160 - stop)]
+    assert head + tail == expected
+    offset = first.state()["offset"]["a"]
+    if offset:  # a pass resumed after `offset` rows: only the rows still to come were handed out
+        held, start = source.selects[0]
+        assert held + (40 - start) == 40 - offset and held <= size
+    else:  # at the start of a pass there is nothing to skip
+        assert source.selects == []
 
 
 def test_buffer_shuffle_is_a_permutation():

@@ -15,7 +15,7 @@ from vipoly.data.collate import PairCollate, RayPairCollateFn, collate_pairs, lo
 from vipoly.data.encode import SIDES, encode_table, encoded_files, row_handles, table_rows
 from vipoly.data.mix import measure_ratio
 from vipoly.data.shards import task_sources
-from vipoly.data.stream import build_stream, ray_source, resolve_sources, worker_rows
+from vipoly.data.stream import build_stream, RaySource, resolve_sources, worker_rows
 from vipoly.tasks import TASKS
 
 
@@ -40,15 +40,15 @@ def test_resolve_sources(prepared, tmp_path):
 def test_worker_shards_are_disjoint_and_complete(ray_session, prepared):
     files = task_sources(prepared)["instr"]
     world = 3
-    shards = [[r["id"] for r in ray_source(files, rank=r, world=world)(0)] for r in range(world)]
-    all_ids = [r["id"] for r in ray_source(files)(0)]
+    shards = [[r["id"] for r in RaySource(files, rank=r, world=world)(0)] for r in range(world)]
+    all_ids = [r["id"] for r in RaySource(files)(0)]
     assert sorted(sum(shards, [])) == sorted(all_ids) and len(all_ids) == 20
     assert all(shards) and len(set(sum(shards, []))) == 20
     assert [len(s) for s in shards] == [worker_rows(files, r, world) for r in range(world)]
-    assert [r["id"] for r in ray_source(files, rank=1, world=world)(0)] == shards[1]  # replayable
+    assert [r["id"] for r in RaySource(files, rank=1, world=world)(0)] == shards[1]  # replayable
 
 
-def test_stream_batches_from_ray_sources(ray_session, prepared, tiny_model_dir):
+def test_stream_batches_from_RaySources(ray_session, prepared, tiny_model_dir):
     data = DataConfig(root=str(prepared), mix={"text_pair": 2, "ocr": 1, "vqa_multi": 1}, shuffle_buffer=8)
     collate = PairCollate(tiny_model_dir)
     with build_stream(data, tiny_model_dir, seed=0) as stream:
@@ -73,7 +73,7 @@ def test_stream_batches_from_ray_sources(ray_session, prepared, tiny_model_dir):
     assert measure_ratio(picks, data.mix, 8)["max_window_dev"]["max"] < 2
 
 
-def test_resume_through_ray_sources(ray_session, prepared):
+def test_resume_through_RaySources(ray_session, prepared):
     data = DataConfig(root=str(prepared), mix={"instr": 1, "vqa_single": 3}, shuffle_buffer=4)
     with build_stream(data, seed=2) as full:
         expected = [full.next()["id"] for _ in range(70)]  # vqa_single (20 rows) wraps twice
@@ -84,6 +84,20 @@ def test_resume_through_ray_sources(ray_session, prepared):
         got += [tail.next()["id"] for _ in range(37)]
     assert got == expected
     assert saved["epoch"]["vqa_single"] == 1
+
+
+def test_RaySource_selects_rows_for_a_resume(ray_session, prepared):
+    """`RaySource.select` (what a resume reads): the rows at the chosen indices of a pass, then
+    every row from `start`; files wholly before `start` holding none of them are not read."""
+    files = task_sources(prepared)["vqa_single"]  # 20 rows in 8-row files
+    for world, rank in ((1, 0), (2, 1)):
+        source = RaySource(files, rank=rank, world=world, seed=5)
+        ids = [r["id"] for r in source(3)]
+        n = source.num_rows
+        assert n == len(ids) == worker_rows(files, rank, world)
+        for head, start in (([], 0), ([0, 2], 5), ([1], n - 1), ([0, n - 3], n - 1), ([], n)):
+            got = [r["id"] for r in source.select(3, head, start)]
+            assert got == [ids[k] for k in head] + ids[start:], (world, head, start)
 
 
 def test_encoded_rows_equal_encode_one(tiny_model_dir, prepared):

@@ -23,8 +23,10 @@ just k_s, so a restored position continues the identical sequence.
 Stream (`MixedStream`): each source is re-opened once per pass over it (its "epoch") and shuffled
 through a seeded buffer (seed, source, epoch), so the order is a pure function of the seed and the
 source's own row order. `position` records, per source, samples taken, epoch and offset within the
-epoch; restoring it re-opens each source at its epoch and skips `offset` rows, so a resumed stream
-neither repeats nor skips a sample. It also counts samples per source, task and language.
+epoch; restoring it re-opens each source at its epoch after `offset` rows, so a resumed stream
+neither repeats nor skips a sample. A source that can select rows by index (a Ray source, a list)
+is then read only for the rows still to come: the shuffle is replayed on indices, not on data. It
+also counts samples per source, task and language.
 """
 from __future__ import annotations
 
@@ -147,7 +149,28 @@ class MixPosition:
 # ---------------------------------------------------------------- sources
 SourceLike = Any
 """A callable `epoch -> iterable of rows`, an object with `iter_rows()` (a Ray Dataset or
-DataIterator: each call is a new pass), or a re-iterable (a list)."""
+DataIterator: each call is a new pass), or a re-iterable (a list). A source that can also say how
+many rows a pass has (`num_rows`) and hand out chosen rows (`select(epoch, head, start)`: the rows
+at the ascending indices `head`, all below `start`, then every row from index `start` on) resumes
+by reading only those (`vipoly.data.stream.RaySource`, lists); any other source resumes by
+replaying its pass up to the position."""
+
+
+class ListSource:
+    """A list as a mix source: the same rows in the same order every pass, selectable by index."""
+
+    def __init__(self, rows: list[Any]):
+        self.rows = rows
+
+    def __call__(self, epoch: int) -> list[Any]:
+        return self.rows
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def select(self, epoch: int, head: list[int], start: int) -> Iterator[Any]:
+        return iter([self.rows[i] for i in head] + self.rows[start:])
 
 
 def _opener(source: SourceLike) -> Callable[[int], Iterable[dict[str, Any]]]:
@@ -158,7 +181,7 @@ def _opener(source: SourceLike) -> Callable[[int], Iterable[dict[str, Any]]]:
     if isinstance(source, Iterator):
         raise ValueError("a mix source must be re-iterable (a one-shot iterator cannot start a second epoch); "
                          "pass a list, a Ray Dataset/DataIterator, or a callable epoch -> rows")
-    return lambda epoch: source
+    return ListSource(list(source))
 
 
 def close_rows(rows: Any) -> None:
@@ -169,25 +192,58 @@ def close_rows(rows: Any) -> None:
         close()
 
 
+class ShuffleBuffer:
+    """Streaming shuffle through `size` slots: each arriving row takes the slot of a random held
+    row, which is emitted; when the rows end, the held ones are shuffled and emitted in turn.
+
+    The state is explicit (`slots`, `emitted`, `draining`, `rng`), so the state after any number
+    of emitted rows can be computed on row *indices* alone, which is how a stream resumes without
+    reading the rows it already used (`MixedStream._resume`)."""
+
+    def __init__(self, size: int, rng: random.Random, slots: list[Any] | None = None):
+        self.size, self.rng = size, rng
+        self.slots = slots if slots is not None else []
+        self.emitted = 0
+        self.draining, self._drain_start = False, 0
+
+    @property
+    def pulled(self) -> int:
+        """Rows taken from the source so far, before the drain."""
+        return self.emitted + len(self.slots)
+
+    def held(self) -> list[Any]:
+        """What is still to come from the slots: in slot order, or in emission order while draining."""
+        return self.slots[self.emitted - self._drain_start:] if self.draining else list(self.slots)
+
+    def shuffle(self, rows: Iterable[Any]) -> Iterator[Any]:
+        it = iter(rows)
+        try:
+            if self.size <= 1:
+                for row in it:
+                    self.emitted += 1
+                    yield row
+                return
+            slots, size, rng = self.slots, self.size, self.rng
+            for row in it:
+                if len(slots) < size:
+                    slots.append(row)
+                    continue
+                i = rng.randrange(size)
+                out, slots[i] = slots[i], row  # the state is whole at every yield (see _resume)
+                self.emitted += 1
+                yield out
+            rng.shuffle(slots)
+            self.draining, self._drain_start = True, self.emitted
+            for row in slots:
+                self.emitted += 1
+                yield row
+        finally:  # closing the shuffle closes the source's pipeline too
+            close_rows(it)
+
+
 def buffer_shuffle(rows: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Streaming shuffle: keep `size` rows, emit a random one as each new row arrives, drain at the end."""
-    it = iter(rows)
-    try:
-        if size <= 1:
-            yield from it
-            return
-        buf: list[Any] = []
-        for row in it:
-            if len(buf) < size:
-                buf.append(row)
-                continue
-            i = rng.randrange(size)
-            yield buf[i]
-            buf[i] = row
-        rng.shuffle(buf)
-        yield from buf
-    finally:  # closing the shuffle closes the source's pipeline too
-        close_rows(it)
+    """Streaming shuffle of `rows` through `size` slots (`ShuffleBuffer`); size ≤ 1: as they come."""
+    return ShuffleBuffer(size, rng).shuffle(rows)
 
 
 def _primed(rows: Iterator[Any]) -> Iterator[Any]:
@@ -238,15 +294,45 @@ class MixedStream:
             self.position.offset.setdefault(name, 0)
 
     def _start(self, name: str) -> Iterator[dict[str, Any]]:
-        """Open `name` at its recorded epoch and skip the rows already taken from that epoch."""
-        epoch = self.position.epoch[name]
+        """Open `name` at its recorded epoch, after the rows already taken from that epoch."""
+        epoch, offset = self.position.epoch[name], self.position.offset[name]
         rng = random.Random(f"{self.seed}/{name}/{epoch}")
-        it = buffer_shuffle(self._open[name](epoch), self.shuffle_buffer, rng)
-        for skipped in range(self.position.offset[name]):
+        source = self._open[name]
+        if offset and hasattr(source, "select"):
+            return self._resume(name, source, epoch, offset, rng)
+        it = ShuffleBuffer(self.shuffle_buffer, rng).shuffle(source(epoch))
+        for skipped in range(offset):  # a source that cannot select rows: replay up to the position
             if next(it, None) is None:
                 raise ValueError(f"source {name!r} has {skipped} rows in epoch {epoch}, fewer than the "
-                                 f"position's offset {self.position.offset[name]}: did the data change?")
+                                 f"position's offset {offset}: did the data change?")
         return it
+
+    def _resume(self, name: str, source, epoch: int, offset: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Continue the shuffle of a pass after `offset` emitted rows, reading only the rows still
+        to come: the shuffle is first run on row indices (no data) up to the position; the source
+        then hands out the rows its slots held there and every row it had not reached yet.
+        (Replaying the pass instead would read, decode and encode every row used before.)"""
+        n = source.num_rows
+        if offset > n:
+            raise ValueError(f"source {name!r} has {n} rows in epoch {epoch}, fewer than the position's "
+                             f"offset {offset}: did the data change?")
+        replay = ShuffleBuffer(self.shuffle_buffer, rng)
+        steps = replay.shuffle(range(n))
+        for _ in range(offset):
+            next(steps)
+        held = replay.held()
+        start = n if replay.draining else replay.pulled
+        rows = iter(source.select(epoch, sorted(held), start))
+        found = {i: row for i, row in zip(sorted(held), rows)}
+        if len(found) < len(held):
+            raise ValueError(f"source {name!r} returned {len(found)} of the {len(held)} rows held at the "
+                             f"position (epoch {epoch}, offset {offset}): did the data change?")
+        if replay.draining:  # the rest of the pass is the held rows, in the drain's order
+            close_rows(rows)
+            return iter([found[i] for i in held])
+        resumed = ShuffleBuffer(self.shuffle_buffer, replay.rng, slots=[found[i] for i in held])
+        resumed.emitted = offset
+        return resumed.shuffle(rows)
 
     def _start_all(self) -> None:
         """Open every source not yet open, at once: a Ray Data pipeline waits seconds for its first

@@ -170,6 +170,23 @@ def keep_worker_rows(batch: pa.Table, rank: int, world: int) -> pa.Table:
     return batch.filter(pa.array(mask))
 
 
+def keep_selected(batch: pa.Table, keep: dict[str, list[str] | None]) -> pa.Table:
+    """Ray Data stage of a resumed pass: of each file's rows, those whose id `keep[path]` lists
+    (None: every row), by the `path` column of `read_parquet(..., include_paths=True)`, which it
+    drops. Selecting by id rather than by position needs no row numbers across blocks."""
+    paths = batch.column("path")
+    mask = np.zeros(batch.num_rows, dtype=bool)
+    for path in pc.unique(paths).to_pylist():
+        if path not in keep:
+            raise ValueError(f"keep_selected: {path!r} is not among the files of the resumed pass")
+        in_file = np.asarray(pc.equal(paths, path))
+        ids = keep[path]
+        if ids is not None:
+            in_file &= np.asarray(pc.is_in(batch.column("id"), pa.array(ids, batch.column("id").type)))
+        mask |= in_file
+    return batch.filter(pa.array(mask)).drop_columns(["path"])
+
+
 def read_parquet(paths: str | list[str], **kwargs):
     """`ray.data.read_parquet` through Ray Data's V1 datasource.
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 from vipoly.config import DataConfig
 from vipoly.data.encode import default_cache, encode_table, encoded_files, row_handles
 from vipoly.data.mix import MixedStream, MixPosition, close_rows
-from vipoly.data.shards import keep_worker_rows, read_parquet, shard_files, task_sources
+from vipoly.data.shards import keep_selected, keep_worker_rows, read_parquet, shard_files, task_sources
 
 
 def resolve_sources(data: DataConfig) -> dict[str, list[str]]:
@@ -55,10 +55,9 @@ def resolve_sources(data: DataConfig) -> dict[str, list[str]]:
     return found
 
 
-def ray_source(files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0,
-               model_dir: str | Path | None = None, encoded: list[str] | None = None,
-               block_rows: int | None = None, encode_num_cpus: float = 1.0) -> Callable[[int], Iterable[dict[str, Any]]]:
-    """A source for MixedStream: `epoch -> rows` via a fresh Ray Data pipeline per epoch.
+class RaySource:
+    """A source for MixedStream: `source(epoch) -> rows` via a fresh Ray Data pipeline per epoch,
+    and `source.select(epoch, head, start)` for a resumed pass (`MixedStream._resume`).
 
     With `model_dir`, rows are encoded (`vipoly.data.encode.encode_table`) in a Ray Data stage;
     without, they are canonical rows. When encoding, blocks hold about `block_rows` rows, by default
@@ -66,35 +65,96 @@ def ray_source(files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0
     file as one block would make the first encoded row wait for the whole file's encoding; plain
     reads keep Ray's larger blocks, which are cheaper per row). `encoded`: pre-encoded copies of
     `files` (`vipoly.data.encode.encoded_files`), same rows in the same order, read instead of
-    encoding, in blocks of about `ENCODED_BLOCK_ROWS` rows. One encoding task per CPU: more made Ray start more worker processes, each paying
-    its imports, and ran slower on 2 cores.
+    encoding, in blocks of about `ENCODED_BLOCK_ROWS` rows. One encoding task per CPU: more made
+    Ray start more worker processes, each paying its imports, and ran slower on 2 cores.
     """
-    if not files:
-        raise ValueError("ray_source: no files")
-    if not 0 <= rank < world:
-        raise ValueError(f"worker rank {rank} outside [0, {world})")
-    if encoded is not None and len(encoded) != len(files):
-        raise ValueError(f"ray_source: {len(encoded)} encoded copies for {len(files)} files")
-    num_blocks = None
-    if encoded is not None:
-        num_blocks = -(-count_rows(encoded) // ENCODED_BLOCK_ROWS)
-    if model_dir is not None and encoded is None:
-        block_rows = block_rows or (IMAGE_BLOCK_ROWS if has_images(files) else TEXT_BLOCK_ROWS)
-        num_blocks = max(len(files), -(-count_rows(files) // block_rows))
 
-    def open_epoch(epoch: int) -> Iterable[dict[str, Any]]:
-        order = list(range(len(files)))
-        random.Random(f"{seed}/files/{epoch}").shuffle(order)  # the same order for a source and its copy
-        ds = read_parquet([(encoded or files)[i] for i in order], override_num_blocks=num_blocks)  # ray
-        if world > 1:
-            ds = ds.map_batches(keep_worker_rows, fn_kwargs={"rank": rank, "world": world}, batch_format="pyarrow")
+    def __init__(self, files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0,
+                 model_dir: str | Path | None = None, encoded: list[str] | None = None,
+                 block_rows: int | None = None, encode_num_cpus: float = 1.0):
+        if not files:
+            raise ValueError("RaySource: no files")
+        if not 0 <= rank < world:
+            raise ValueError(f"worker rank {rank} outside [0, {world})")
+        if encoded is not None and len(encoded) != len(files):
+            raise ValueError(f"RaySource: {len(encoded)} encoded copies for {len(files)} files")
+        self.files, self.encoded, self.rank, self.world, self.seed = files, encoded, rank, world, seed
+        self.model_dir, self.encode_num_cpus = model_dir, encode_num_cpus
+        self.block_rows = None
         if model_dir is not None and encoded is None:
-            ds = ds.map_batches(encode_table, fn_kwargs={"model_dir": str(model_dir)}, batch_format="pyarrow",
-                                batch_size=block_rows, num_cpus=encode_num_cpus)  # ray: decode + processor
-        ds.context.execution_options.preserve_order = True  # ray: the same order on every replay
-        return _rows(ds, row_handles if model_dir is not None else pa.Table.to_pylist)
+            self.block_rows = block_rows or (IMAGE_BLOCK_ROWS if has_images(files) else TEXT_BLOCK_ROWS)
+        self._counts: dict[int, int] = {}  # this worker's rows per file
 
-    return open_epoch
+    def __call__(self, epoch: int) -> Iterable[dict[str, Any]]:
+        return self._pipeline(self._order(epoch))
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        random.Random(f"{self.seed}/files/{epoch}").shuffle(order)  # the same order for a source and its copy
+        return order
+
+    def _pipeline(self, order: list[int], keep: dict[int, list[str] | None] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows of the files `order` (indices into `files`), this worker's share, encoded; with
+        `keep`, only the rows of each file whose ids it lists (None: every row)."""
+        paths = [(self.encoded or self.files)[i] for i in order]
+        if self.encoded is not None:
+            num_blocks = -(-count_rows(paths) // ENCODED_BLOCK_ROWS)
+        elif self.block_rows is not None:
+            num_blocks = max(len(paths), -(-count_rows(paths) // self.block_rows))
+        else:
+            num_blocks = None
+        if keep is not None:
+            paths = [str(Path(f).resolve()) for f in paths]  # what Ray's `path` column reports
+        ds = read_parquet(paths, override_num_blocks=num_blocks, include_paths=keep is not None)  # ray
+        if self.world > 1:
+            ds = ds.map_batches(keep_worker_rows, fn_kwargs={"rank": self.rank, "world": self.world},
+                                batch_format="pyarrow")
+        if keep is not None:
+            ds = ds.map_batches(keep_selected, fn_kwargs={"keep": {p: keep[i] for p, i in zip(paths, order)}},
+                                batch_format="pyarrow")
+        if self.block_rows is not None:
+            ds = ds.map_batches(encode_table, fn_kwargs={"model_dir": str(self.model_dir)}, batch_format="pyarrow",
+                                batch_size=self.block_rows, num_cpus=self.encode_num_cpus)  # ray: decode + processor
+        ds.context.execution_options.preserve_order = True  # ray: the same order on every replay
+        return _rows(ds, row_handles if self.model_dir is not None else pa.Table.to_pylist)
+
+    # -- a resumed pass
+    def _ids(self, i: int) -> list[str]:
+        """This worker's ids of file i, in file order (reads the id column only)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.files[i], columns=["id"])
+        return keep_worker_rows(table, self.rank, self.world).column("id").to_pylist()
+
+    def _count(self, i: int) -> int:
+        if i not in self._counts:
+            self._counts[i] = count_rows([self.files[i]]) if self.world == 1 else len(self._ids(i))
+        return self._counts[i]
+
+    @property
+    def num_rows(self) -> int:
+        """This worker's rows in one pass."""
+        return sum(self._count(i) for i in range(len(self.files)))
+
+    def select(self, epoch: int, head: list[int], start: int) -> Iterator[dict[str, Any]]:
+        """The rows at the pass indices `head` (ascending, below `start`), then every row from
+        `start` on. Files wholly before `start` with no `head` row are not read at all; in the
+        others, a Ray Data stage before the encoding keeps the wanted rows by id."""
+        order, keep, base = [], {}, 0
+        head = list(head)
+        for i in self._order(epoch):
+            end = base + self._count(i)
+            if base >= start:
+                keep[i] = None
+            else:
+                picks = [k - base for k in head if base <= k < end] + list(range(max(start - base, 0), end - base))
+                if picks:
+                    ids = self._ids(i)
+                    keep[i] = [ids[k] for k in picks]
+            if i in keep:
+                order.append(i)
+            base = end
+        return self._pipeline(order, keep) if order else iter(())
 
 
 def _rows(ds, split: Callable[[pa.Table], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
@@ -142,8 +202,8 @@ def build_stream(data: DataConfig, model_dir: str | Path | None = None, *, rank:
     """The mixed stream of `data.mix` over `resolve_sources(data)`, for worker `rank` of `world`."""
     files = resolve_sources(data)
     cache = default_cache(data) if model_dir is not None else None
-    sources = {name: ray_source(fs, rank=rank, world=world, seed=seed, model_dir=model_dir,
-                                encoded=encoded_files(fs, cache, model_dir) if cache else None, **source_kwargs)
+    sources = {name: RaySource(fs, rank=rank, world=world, seed=seed, model_dir=model_dir,
+                               encoded=encoded_files(fs, cache, model_dir) if cache else None, **source_kwargs)
                for name, fs in files.items()}
     weights = {name: w for name, w in data.mix.items() if name in sources}
     return MixedStream(sources, weights, seed=seed, shuffle_buffer=data.shuffle_buffer, position=position)
