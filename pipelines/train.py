@@ -125,12 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (init / "vipoly.json").exists():
             build_tiny(init, seed=cfg.train.seed)
         cfg.model.backbone = str(init)
-    from vipoly.train.batches import inputs_dir
+    from vipoly.train.batches import write_inputs
 
-    if inputs_dir(cfg) != cfg.model.backbone:  # a plain Qwen2-VL checkpoint: no tokenizer folder of ours yet
-        from vipoly.model.inputs import save_inputs
-
-        save_inputs(cfg.model, inputs_dir(cfg))
+    write_inputs(cfg)  # a plain Qwen2-VL checkpoint: the data workers' tokenizer folder, in run.dir/inputs
     cfg.save(run_dir / "config.yaml")
     (run_dir / "STOPPED").unlink(missing_ok=True)
     print(f"vipoly train → {run_dir}\n{(run_dir / 'config.yaml').read_text()}", flush=True)

@@ -44,6 +44,29 @@ def tiny_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def plain_qwen_dir(tiny_model, tmp_path_factory) -> Path:
+    """A Qwen2-VL checkpoint as the hub ships one (LM head, no task tokens, no vipoly.json): the
+    tiny architecture with random weights and a tokenizer with no spare rows."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from vipoly.model.backbone import save_processor
+    from vipoly.model.tiny import corpus, train_tokenizer
+
+    out = tmp_path_factory.mktemp("plain") / "qwen"  # the model is named after its folder
+    tokenizer = train_tokenizer(corpus())
+    config = tiny_model.backbone.config.to_dict()
+    config["text_config"]["vocab_size"] = len(tokenizer)  # no spare rows: the task tokens need a resize
+    torch.manual_seed(1)
+    Qwen2VLForConditionalGeneration(Qwen2VLConfig(**{k: v for k, v in config.items()
+                                                     if k not in ("architectures", "transformers_version")})
+                                    ).save_pretrained(out)
+    save_processor(tiny_model.processor.__class__(image_processor=tiny_model.processor.image_processor,
+                                                  tokenizer=tokenizer), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray for the whole session, with more logical CPUs than cores so that
     fractional Train workers and Ray Data stages can run side by side on 2 cores."""

@@ -3,6 +3,7 @@ collation into model batches, and a resume through real Ray sources."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -223,6 +224,33 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
     os.utime(stale, ns=(os.stat(stale).st_atime_ns, os.stat(stale).st_mtime_ns + 10**9))
     assert encoded_files(files["instr"], cache, tiny_model_dir) is None
     assert encoded_files(files["text_pair"], "", tiny_model_dir) is None  # data.encoded_dir="" turns it off
+
+
+def test_pre_encoding_for_a_plain_qwen_checkpoint(ray_session, prepared, plain_qwen_dir, tiny_model_dir, tmp_path):
+    """With a plain Qwen2-VL checkpoint as the backbone (the hub id of configs/qwen2vl-2b.yaml),
+    `python -m vipoly.data.encode` writes `<run.dir>/inputs` as training does, and the copies it
+    makes are the ones the training run's stream finds. A PolyEmbedder backbone is never written."""
+    import shutil
+
+    import yaml
+
+    from vipoly.config import Config
+    from vipoly.data import encode
+    from vipoly.train.batches import inputs_dir, write_inputs
+
+    root = tmp_path / "data"
+    shutil.copytree(prepared / "instr", root / "instr")
+    raw = {"data": {"root": str(root), "mix": {"instr": 1}}, "model": {"backbone": str(plain_qwen_dir)},
+           "run": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    assert encode.main(["--config", str(tmp_path / "cfg.yaml")])["rows"] == 20
+    cfg = Config.model_validate(raw)
+    assert inputs_dir(cfg) == str(tmp_path / "run" / "inputs")
+    assert encoded_files(task_sources(root)["instr"], encode.default_cache(cfg.data), write_inputs(cfg)) is not None
+
+    meta = (tiny_model_dir / "vipoly.json").read_bytes()
+    own = Config.model_validate({"model": {"backbone": f"{tiny_model_dir}/"}, "run": {"dir": str(tmp_path / "r2")}})
+    assert Path(write_inputs(own)) == tiny_model_dir and (tiny_model_dir / "vipoly.json").read_bytes() == meta
 
 
 def test_encoding_empty_blocks_and_rows_without_content(tiny_model_dir, prepared):

@@ -84,25 +84,13 @@ def test_build_from_a_polyembedder_dir_applies_only_explicit_fields(tiny_model_d
     assert torch.equal(ablation.projection.w1.weight, tiny_model.projection.w1.weight)
 
 
-def test_build_from_a_plain_qwen2vl_folder(tiny_model, tmp_path):
+def test_build_from_a_plain_qwen2vl_folder(plain_qwen_dir, tmp_path):
     """A Qwen2-VL checkpoint as the hub ships it (with LM head, no task tokens) → fresh heads."""
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-    from vipoly.model.backbone import save_processor
-    from vipoly.model.tiny import corpus, train_tokenizer
-
-    tokenizer = train_tokenizer(corpus())
-    config = tiny_model.backbone.config.to_dict()
-    config["text_config"]["vocab_size"] = len(tokenizer)  # no spare rows: the task tokens need a resize
-    from transformers import Qwen2VLConfig
-    torch.manual_seed(1)
-    full = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**{k: v for k, v in config.items()
-                                                            if k not in ("architectures", "transformers_version")}))
-    full.save_pretrained(tmp_path / "qwen")
-    processor = tiny_model.processor.__class__(image_processor=tiny_model.processor.image_processor, tokenizer=tokenizer)
-    save_processor(processor, tmp_path / "qwen")
-
-    model = PolyEmbedder.build(ModelConfig(backbone=str(tmp_path / "qwen"), projection=ProjectionConfig(out_dim=16,
+    full = Qwen2VLForConditionalGeneration.from_pretrained(plain_qwen_dir)
+    tokenizer = AutoTokenizer.from_pretrained(plain_qwen_dir)
+    model = PolyEmbedder.build(ModelConfig(backbone=str(plain_qwen_dir), projection=ProjectionConfig(out_dim=16,
                                            matryoshka_dims=[16, 8]), image_max_pixels=64 * 64, image_min_pixels=256))
     assert model.name == "vipoly-qwen" and model.embedding_dim == 16
     visual = dict(full.model.visual.named_parameters())
@@ -117,12 +105,11 @@ def test_build_from_a_plain_qwen2vl_folder(tiny_model, tmp_path):
     # Training from such a checkpoint: the data workers get the same inputs from a weightless folder.
     from vipoly.config import Config
     from vipoly.data.encode import TextEncoder
-    from vipoly.model.inputs import save_inputs
-    from vipoly.train.batches import inputs_dir
+    from vipoly.train.batches import inputs_dir, write_inputs
 
     cfg = Config.model_validate({"model": model.cfg.model_dump(), "run": {"dir": str(tmp_path / "run")}})
     assert inputs_dir(cfg) == str(tmp_path / "run" / "inputs")
-    builder = InputBuilder.from_pretrained(save_inputs(cfg.model, inputs_dir(cfg)))
+    builder = InputBuilder.from_pretrained(write_inputs(cfg))
     assert builder.prefix_ids == model.inputs.prefix_ids == TextEncoder(inputs_dir(cfg)).prefix_ids
     for got, want in zip(builder.encode_one(TEXTS[0], IMAGES[0], "ocr").values(),
                          model.inputs.encode_one(TEXTS[0], IMAGES[0], "ocr").values()):

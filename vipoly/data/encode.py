@@ -378,8 +378,10 @@ def default_cache(data) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`python -m vipoly.data.encode --config CFG [--set ...]`: pre-encode the text sources of
-    `data.mix` for `model.backbone` (a PolyEmbedder folder) into `data.encoded_dir`, one Ray task
-    per file. Training then reads them instead of tokenising on the fly."""
+    `data.mix` for `model.backbone` into `data.encoded_dir`, one Ray task per file. Training then
+    reads them instead of tokenising on the fly. A backbone that is a plain Qwen2-VL checkpoint (a
+    hub id) gets `<run.dir>/inputs` first, as `pipelines.train` writes it, so that both see the same
+    tokenizer."""
     import argparse
     import sys
 
@@ -388,13 +390,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from vipoly.config import add_config_args, config_from_args
     from vipoly.data.stream import resolve_sources
+    from vipoly.train.batches import write_inputs
 
     parser = argparse.ArgumentParser(prog="python -m vipoly.data.encode", description=main.__doc__.split("\n")[0])
     cfg = config_from_args(add_config_args(parser).parse_args(argv))
     cache = default_cache(cfg.data)
     if not cache:
         parser.error("no cache folder: set data.encoded_dir or data.root")
-    model_dir = cfg.model.backbone
+    model_dir = write_inputs(cfg)
     text_encoder(model_dir)  # a wrong model folder fails here, before any task starts
     files = sorted({f for fs in resolve_sources(cfg.data).values() for f in fs})
     ray.init(address=cfg.run.ray_address, ignore_reinit_error=True, include_dashboard=False)  # ray

@@ -132,6 +132,23 @@ def inputs_dir(cfg: Config) -> str:
     return str(backbone if (backbone / META_FILE).is_file() else Path(cfg.run.dir) / "inputs")
 
 
+def write_inputs(cfg: Config) -> str:
+    """`inputs_dir(cfg)`, first written there (`save_inputs`: tokenizer with the task tokens, image
+    processor, no weights) when the backbone is a plain Qwen2-VL checkpoint. What `pipelines.train`
+    and `python -m vipoly.data.encode` both call, so the pre-encoded copies match the training
+    run's tokenizer. A PolyEmbedder backbone folder is never written to."""
+    from pathlib import Path
+
+    from vipoly.data.encode import META_FILE
+
+    out = inputs_dir(cfg)
+    if not (Path(cfg.model.backbone) / META_FILE).is_file():
+        from vipoly.model.inputs import save_inputs
+
+        save_inputs(cfg.model, out)
+    return out
+
+
 class StreamFactory:
     def __init__(self, cfg: Config):
         self.cfg = cfg.to_dict()
