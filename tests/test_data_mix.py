@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from vipoly.data.mix import (ListSource, MixedStream, MixPosition, RatioScheduler, buffer_shuffle, integer_weights,
+from vipoly.data.mix import (ListSource, MixedStream, MixPosition, RatioScheduler, ShuffleBuffer, integer_weights,
                              measure_ratio)
 
 WEIGHT_SETS = [
@@ -187,10 +187,10 @@ def test_resume_reads_only_the_rows_still_to_come(size, stop):
         assert source.selects == []
 
 
-def test_buffer_shuffle_is_a_permutation():
-    out = list(buffer_shuffle(range(100), 10, random.Random(0)))
+def test_shuffle_buffer_is_a_permutation():
+    out = list(ShuffleBuffer(10, random.Random(0)).shuffle(range(100)))
     assert sorted(out) == list(range(100)) and out != list(range(100))
-    assert list(buffer_shuffle(range(5), 0, random.Random(0))) == list(range(5))
+    assert list(ShuffleBuffer(0, random.Random(0)).shuffle(range(5))) == list(range(5))
 
 
 def test_sources_start_together_and_close():

@@ -162,8 +162,8 @@ def _lists(parts: list[np.ndarray], dtype, large: bool = False) -> pa.Array:
 # ---------------------------------------------------------------- the consumer
 class ListColumn:
     """An Arrow list column as numpy `values` and `offsets` (n+1 ints) into them, with `valid` (n
-    bools; None = no nulls). Offsets
-    index the unsliced child array, so a sliced column works as it is; nothing is copied."""
+    bools; None = no nulls). Offsets index the unsliced child array, so a sliced column works as it
+    is; nothing is copied."""
 
     __slots__ = ("offsets", "values", "valid")
 
@@ -192,8 +192,8 @@ def list_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
 class EncodedBlock:
     """An encoded block (from `encode_table`), column by column: the scalar columns as Python lists
     and numpy, the list columns as `ListColumn`s. Its rows are `BlockRow` handles, so splitting a
-    block into rows costs one small object per row; the collate then gathers a batch's token ids
-    from the blocks in a few numpy operations (`vipoly.data.collate`), not row by row."""
+    block into rows costs one small object per row; the collate then takes each row's sides as
+    numpy views (`side`) and its labels from these columns (`vipoly.data.collate`)."""
 
     def __init__(self, table: pa.Table):
         self.num_rows = table.num_rows

@@ -241,11 +241,6 @@ class ShuffleBuffer:
             close_rows(it)
 
 
-def buffer_shuffle(rows: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Streaming shuffle of `rows` through `size` slots (`ShuffleBuffer`); size ≤ 1: as they come."""
-    return ShuffleBuffer(size, rng).shuffle(rows)
-
-
 def _primed(rows: Iterator[Any]) -> Iterator[Any]:
     """`rows` with its first item already pulled (so its source is running), closable as `rows` is."""
     first = next(rows, _END)
@@ -322,8 +317,9 @@ class MixedStream:
             next(steps)
         held = replay.held()
         start = n if replay.draining else replay.pulled
-        rows = iter(source.select(epoch, sorted(held), start))
-        found = {i: row for i, row in zip(sorted(held), rows)}
+        wanted = sorted(held)  # the order the source hands them out
+        rows = iter(source.select(epoch, wanted, start))
+        found = dict(zip(wanted, rows))
         if len(found) < len(held):
             raise ValueError(f"source {name!r} returned {len(found)} of the {len(held)} rows held at the "
                              f"position (epoch {epoch}, offset {offset}): did the data change?")

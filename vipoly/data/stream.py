@@ -11,10 +11,10 @@ Per source and pass ("epoch") the pipeline is
 
 (or, for a source pre-encoded by `python -m vipoly.data.encode`, read its copies → keep this
 worker's rows), whose blocks come back as Arrow tables (`iter_batches`, not `iter_rows`: no Python
-object per value) and are split into `BlockRow` handles (`row_handles`; the collate gathers a batch
-from the blocks' columns). The rows feed
-`MixedStream`, which shuffles each source through a seeded buffer and picks the source of every
-sample by the exact-ratio scheduler.
+object per value) and are split into `BlockRow` handles (`row_handles`: no dict per row; the
+collate reads each row's token ids as numpy views of its block). The rows feed `MixedStream`, which
+shuffles each source through a seeded buffer and picks the source of every sample by the
+exact-ratio scheduler.
 
 Per-worker sharding: worker r of W keeps the rows with crc32(id) mod W = r. Every row belongs to
 exactly one worker whatever the file or block layout, and the choice depends on the data alone, so
@@ -174,8 +174,9 @@ a text row encodes in ≈ 0.15 ms, so small blocks were mostly overhead (one sou
 ENCODED_BLOCK_ROWS = 16384
 """Rows per block read from pre-encoded copies. Ray's default split a 16k-row file into six blocks,
 and each block costs the consumer's process (Ray's executor and iterator threads share its GIL)
-about as much as a few thousand rows: one 16k-row block per file read at 30–34k samples/s through
-the mix and collate, six blocks at 22–24k (bench/data_pipeline.py, 2 cores)."""
+about as much as a few thousand rows: warm streams of 96,000 samples through the mix and collate
+ran at 29,700–31,800 samples/s with one 16k-row block per file, 22,600–24,800 with six (2 cores;
+a scratch loop over bench/data_pipeline.py's shards, see docs/benchmarks.md)."""
 IMAGE_BLOCK_ROWS = 32
 """Rows per encoded block of an image source: a 448² image is ≈ 4.8 MB of float32 patches once
 encoded, so 32 rows make blocks of ≈ 150 MB; decoding, at ≈ 20 ms an image, dwarfs the task cost."""

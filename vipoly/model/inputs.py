@@ -147,8 +147,8 @@ class InputBuilder:
         """Right-pad rows from `encode_one` into one batch: input_ids, attention_mask and
         mm_token_type_ids (B, N; 1 on <|image_pad|> tokens, as encode_one marks them); pixel_values
         and image_grid_thw concatenated in row order (the order in which the model matches image
-        features to <|image_pad|> runs). Rows without an
-        image may lack the pixel keys or hold None / empty arrays there."""
+        features to <|image_pad|> runs). Rows without an image may lack the pixel keys or hold
+        None / empty arrays there."""
         if not rows:
             raise ValueError("pad: no rows")
         ids = [r["input_ids"] for r in rows]

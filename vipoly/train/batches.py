@@ -126,10 +126,16 @@ def inputs_dir(cfg: Config) -> str:
     `vipoly.model.inputs.save_inputs` before training starts)."""
     from pathlib import Path
 
+    return str(Path(cfg.model.backbone) if _is_polyembedder(cfg) else Path(cfg.run.dir) / "inputs")
+
+
+def _is_polyembedder(cfg: Config) -> bool:
+    """Whether the backbone is a PolyEmbedder folder (vipoly.json), not a plain Qwen2-VL checkpoint."""
+    from pathlib import Path
+
     from vipoly.data.encode import META_FILE
 
-    backbone = Path(cfg.model.backbone)
-    return str(backbone if (backbone / META_FILE).is_file() else Path(cfg.run.dir) / "inputs")
+    return (Path(cfg.model.backbone) / META_FILE).is_file()
 
 
 def write_inputs(cfg: Config) -> str:
@@ -137,12 +143,8 @@ def write_inputs(cfg: Config) -> str:
     processor, no weights) when the backbone is a plain Qwen2-VL checkpoint. What `pipelines.train`
     and `python -m vipoly.data.encode` both call, so the pre-encoded copies match the training
     run's tokenizer. A PolyEmbedder backbone folder is never written to."""
-    from pathlib import Path
-
-    from vipoly.data.encode import META_FILE
-
     out = inputs_dir(cfg)
-    if not (Path(cfg.model.backbone) / META_FILE).is_file():
+    if not _is_polyembedder(cfg):
         from vipoly.model.inputs import save_inputs
 
         save_inputs(cfg.model, out)
