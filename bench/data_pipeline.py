@@ -4,15 +4,15 @@
 
 On synthetic shards (written to a temporary folder) and the tiny model's processor:
   raw read        Ray Data read_parquet → iter_rows over the same shards (the baseline)
-  mix only        the exact-ratio MixedStream over per-source Ray Data pipelines, no encoding
-  full pipeline   read → mix → encode (tokenizer, image decode + image processor, in Ray Data
-                  stages) → collate into padded batches (in this process)
+  full pipeline   the training stream (vipoly.data.stream: the global order's selection, the
+                  lanes' raw reads, encoding — tokenizer in this process, image decode + image
+                  processor in Ray tasks — and collation into padded batches), one worker
   pre-encoded     text only: the same, reading the copies `python -m vipoly.data.encode` writes
                   (tokenised once per data set and tokenizer) instead of tokenising as it streams
-for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi). Also measures
-how long a stream resumed mid-pass takes to its first batch (replaying the pass against reading
-only the rows still to come), and the ratio Ray's own `Dataset.mix` achieves (whole blocks) against
-the scheduler's, over windows of 64 samples. Prints every number, and the ratios.
+for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi); and the ratio
+Ray's own `Dataset.mix` achieves (whole blocks) against the scheduler's, over windows of 64
+samples. Prints every number, and the ratios. (bench/data_scale.py measures the plan, resume,
+bytes and memory at the reference run's scale.)
 """
 from __future__ import annotations
 
@@ -46,44 +46,30 @@ def raw_read(files: dict[str, list[str]], blocks: bool = False) -> tuple[int, fl
     return n, time.perf_counter() - t0, first or 0.0
 
 
-def stream_rate(data, model_dir, n: int, batch: int, collate) -> tuple[int, float, float]:
-    """(samples, seconds in all, seconds to the first batch) of the mixed stream, after a short
-    pass that starts the Ray workers it needs and loads the processor in them (as the raw read
-    gets a warm-up pass)."""
-    from vipoly.data.stream import build_stream
+def stream_rate(data, model_dir, n: int, batch: int, collate, encoded: bool = False) -> tuple[int, float, float]:
+    """(samples, seconds in all, seconds to the first batch) of one worker's training stream over
+    `data` (global batch = `batch`), after a short pass that starts the Ray workers it needs and
+    loads the processor in them (as the raw read gets a warm-up pass)."""
+    from vipoly.config import Config
+    from vipoly.data.encode import default_cache, encoded_files
+    from vipoly.data.stream import PlannedStream, build_plan
 
-    with build_stream(data, model_dir, seed=1) as stream:
-        next(stream.iter_batches(batch, collate))
+    cfg = Config.model_validate({"data": data.model_dump(), "train": {"global_batch_size": batch, "grad_accum": 1,
+                                                                      "num_workers": 1}})
+    plan = build_plan(cfg)
+    copies = {k: encoded_files(s.files, default_cache(cfg.data), model_dir) for k, s in plan.sources.items()} \
+        if encoded else None
+    with PlannedStream(plan, 0, 1, model_dir, encoded=copies) as stream:
+        collate(stream.next_chunk()[0])
     t0 = time.perf_counter()
-    with build_stream(data, model_dir, seed=0) as stream:
-        batches = stream.iter_batches(batch, collate)
-        next(batches)
+    with PlannedStream(plan, 0, 1, model_dir, encoded=copies, state=None) as stream:
+        collate(stream.next_chunk()[0])
         first = time.perf_counter() - t0
         done = batch
         while done < n:
-            next(batches)
+            collate(stream.next_chunk()[0])
             done += batch
     return done, time.perf_counter() - t0, first
-
-
-def resume_wait(data, model_dir, step: int, batch: int, collate, replay: bool) -> float:
-    """Seconds from opening a stream at the position after `step` samples to its first batch:
-    reading only the rows still to come (`RaySource.select`), or, with `replay`, replaying each
-    source's pass up to the position (what a source that cannot select rows does)."""
-    from vipoly.data.mix import MixedStream, RatioScheduler
-    from vipoly.data.stream import RaySource, resolve_sources
-
-    scheduler = RatioScheduler(data.mix)
-    for _ in range(step):
-        scheduler.next()
-    position = {"taken": scheduler.taken, "epoch": {k: 0 for k in data.mix}, "offset": scheduler.taken}
-    sources = {k: RaySource(fs, model_dir=model_dir) for k, fs in resolve_sources(data).items()}
-    if replay:  # the same sources, seen as plain callables
-        sources = {k: (lambda epoch, s=s: s(epoch)) for k, s in sources.items()}
-    t = time.perf_counter()
-    with MixedStream(sources, data.mix, shuffle_buffer=data.shuffle_buffer, position=position) as stream:
-        next(stream.iter_batches(batch, collate))
-        return time.perf_counter() - t
 
 
 def encode_in_process(files: dict[str, list[str]], model_dir, n: int, batch: int) -> tuple[int, float, float]:
@@ -159,14 +145,14 @@ def ray_mix_ratio(files: dict[str, list[str]], weights: dict[str, float], window
 
     from vipoly.data.mix import measure_ratio
     from vipoly.data.shards import read_parquet
-    from vipoly.data.stream import count_rows
+    from vipoly.data.reader import footer
 
     if not hasattr(ray.data.Dataset, "mix"):
         return None
     names = list(weights)
     dss = []
     for n in names:
-        blocks = max(1, count_rows(files[n]) // block_rows) if block_rows else None
+        blocks = max(1, sum(footer(f).num_rows for f in files[n]) // block_rows) if block_rows else None
         dss.append(read_parquet(files[n], columns=["task"], override_num_blocks=blocks))
     mixed = dss[0].mix(*dss[1:], weights=[weights[n] for n in names],
                        stopping_condition=MixStoppingCondition.STOP_ON_SHORTEST)
@@ -179,8 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-text", type=int, default=64000, help="samples drawn from the text mix (enough to reach the steady rate)")
     p.add_argument("--n-image", type=int, default=1000, help="samples drawn from the image mix")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--resume-at", type=int, default=None,
-                   help="samples of the image mix before a resumed position (default: --n-image, mid-pass)")
     args = p.parse_args(argv)
 
     import ray
@@ -222,7 +206,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n[{kind}] mix {mix}, batch {args.batch}")
         print(line("raw read (read_parquet → rows)", n_raw, s_raw, f_raw))
         print(line("raw read (read_parquet → Arrow blocks)", n_blk, s_blk, f_blk, base))
-        print(line("read → mix (no encoding)", *stream_rate(data, None, n, args.batch, None), base))
         print(line("read → mix → decode/encode → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
         print(line("encode + collate alone, 1 process", *encode_in_process(files, model_dir, min(n, 1000), args.batch),
                    base))
@@ -230,16 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             rows, seconds = pre_encode(files, model_dir, root / "_encoded")
             print(f"  pre-encoding (once per data set and tokenizer): {rows} rows in {seconds:.1f} s "
                   f"= {rate(rows, seconds):.0f} rows/s")
-            print(line("read pre-encoded → mix → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
-
-    step = args.resume_at or args.n_image
-    data = DataConfig(root=str(tmp / "image"), mix={"ocr": 0.4, "vqa_single": 0.3, "vqa_multi": 0.3}, shuffle_buffer=256)
-    print(f"\n[resume] image mix, position after {step} samples: seconds to the first batch")
-    waits = {}
-    for replay, label in ((True, "replaying each pass up to the position"), (False, "reading only the rows still to come")):
-        waits[replay] = resume_wait(data, model_dir, step, args.batch, collate, replay)
-        print(f"  {label:<40} {waits[replay]:6.1f} s")
-    print(f"  ratio: {waits[True] / waits[False]:.1f}× shorter (both refill the 256-row shuffle buffer of each source)")
+            print(line("read pre-encoded → mix → collate",
+                       *stream_rate(data, model_dir, n, args.batch, collate, encoded=True), base))
 
     per_core = decode_rate(model_dir)
     print(f"\n[decode] 448² JPEG → Qwen2-VL patches on one core: {per_core:.1f} images/s "

@@ -38,6 +38,7 @@ def main() -> None:
     from pipelines.train import build_trainer
     from vipoly.config import load_config
     from vipoly.data.synthetic import main as synthetic
+    from vipoly.model.inputs import write_inputs
     from vipoly.model.tiny import build_tiny
     from vipoly.train.batches import StreamFactory
     from vipoly.train.loop import run_training
@@ -60,6 +61,7 @@ def main() -> None:
     for name in ("plain", "ray_train"):
         cfg = cfg_for(name)
         (tmp / name).mkdir()
+        write_inputs(cfg)  # as pipelines.train does before training
         t0 = time.time()
         if name == "plain":
             run_training(cfg, StreamFactory(cfg), use_ray=False)

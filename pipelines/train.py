@@ -9,6 +9,7 @@ used. Re-running the same command on the same `run.dir` resumes from its latest 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False)  # ray: embedded local instance
 
 
-def build_trainer(cfg: Config, run_dir: Path):
+def build_trainer(cfg: Config, run_dir: Path, plan=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchConfig, TorchTrainer  # ray
 
@@ -42,7 +43,7 @@ def build_trainer(cfg: Config, run_dir: Path):
     strategic = sum(1 for s in t.strategic_checkpoints if t.max_steps < 0 or s <= t.max_steps)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg)},
+        train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -57,19 +58,65 @@ def build_trainer(cfg: Config, run_dir: Path):
     )
 
 
-def check_config(cfg: Config) -> None:
-    """Fail before any worker starts: data present, strategy available."""
-    from vipoly.train.batches import resolve_sources
+def check_config(cfg: Config):
+    """Fail before any worker starts: data present and plannable (no empty file or source, enough
+    rows for the lanes, a number of workers that owns whole lanes), strategy available. Returns
+    the run's `Plan` (vipoly.data.plan), built from the Parquet footers."""
+    from vipoly.data.stream import build_plan
 
     try:
-        resolve_sources(cfg.data)
-    except (ValueError, FileNotFoundError) as e:
+        plan = build_plan(cfg)
+        plan.check_workers(cfg.train.num_workers)
+    except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(f"data.root / data.sources: {e}") from None
     if cfg.train.strategy != Strategy.DDP:
         try:
             import deepspeed  # noqa: F401
         except ImportError as e:
             raise ConfigError(f"train.strategy={cfg.train.strategy.value} needs deepspeed: {e}") from None
+    return plan
+
+
+PLAN_FILE = "plan.json"
+PLAN_KEYS = ("global_batch_size", "grad_accum", "partitions", "shuffle_buffer", "seed", "weights", "rows")
+
+
+def keep_plan(cfg: Config, run_dir: Path):
+    """The run's plan, the same as when `run_dir` first trained: a re-run keeps the saved global
+    batch G (so a resume on another number of workers continues the same order with a new
+    per-worker batch) and is refused, before any worker starts, when the data, the mix or the
+    order's keys changed, or when its number of workers cannot own whole lanes."""
+    path = run_dir / PLAN_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is not None:
+        G, t = saved["global_batch_size"], cfg.train
+        if t.global_batch_size not in (None, G) or t.grad_accum != saved["grad_accum"]:
+            raise ConfigError(f"{run_dir} trains with train.global_batch_size={G} and train.grad_accum="
+                              f"{saved['grad_accum']}; changing them changes the sample order: use a new run.dir")
+        allowed = [w for w in range(1, 1025) if saved["partitions"] % w == 0 and saved["chunk"] % w == 0]
+        if t.num_workers not in allowed:
+            raise ConfigError(f"train.num_workers={t.num_workers} cannot continue {run_dir}: its global order has "
+                              f"{saved['partitions']} lanes (data.partitions) and contrastive batches of "
+                              f"{saved['chunk']}; allowed: {allowed}")
+        t.batch_size = G // (t.num_workers * t.grad_accum)
+        t.global_batch_size = G
+    plan = check_config(cfg)
+    if saved is not None:
+        now = plan.summary()
+        changed = [k for k in PLAN_KEYS if json.loads(json.dumps(now[k])) != saved[k]]
+        if changed:
+            raise ConfigError(f"{run_dir} was planned with other {', '.join(changed)} ({path}); the data or the "
+                              f"order's keys changed since: use a new run.dir, or restore them")
+    return plan
+
+
+def describe(plan, cfg: Config) -> str:
+    t = cfg.train
+    steps = t.max_steps if t.max_steps >= 0 else (t.steps_per_epoch or plan.steps_per_epoch()) * t.epochs
+    return (f"plan: {plan.num_rows:,} rows in {len(plan.sources)} source(s); {plan.global_batch} samples a step "
+            f"({t.num_workers} worker(s) × {t.grad_accum} × {t.batch_size}); "
+            f"{t.steps_per_epoch or plan.steps_per_epoch():,} steps an epoch, {steps:,} in all; "
+            f"resumable on {plan.allowed_workers()} workers")
 
 
 def warn_unplaceable(cfg: Config) -> None:
@@ -110,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        check_config(cfg)
+        run_dir = Path(cfg.run.dir).resolve()
+        cfg.run.dir = str(run_dir)
+        plan = keep_plan(cfg, run_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.run.dir).resolve()
-    cfg.run.dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / PLAN_FILE).is_file():
+        (run_dir / PLAN_FILE).write_text(json.dumps(plan.summary(), indent=2) + "\n")
     if cfg.model.backbone == "tiny":
         # The demo/test model: a tiny random Qwen2-VL built locally, once per run directory.
         from vipoly.model.tiny import build_tiny
@@ -125,19 +174,23 @@ def main(argv: list[str] | None = None) -> int:
         if not (init / "vipoly.json").exists():
             build_tiny(init, seed=cfg.train.seed)
         cfg.model.backbone = str(init)
-    from vipoly.train.batches import write_inputs
+    from vipoly.model.inputs import effective_model_config, write_inputs
 
-    write_inputs(cfg)  # a plain Qwen2-VL checkpoint: the data workers' tokenizer folder, in run.dir/inputs
+    # One resolved model config for the model and the data: the backbone folder's saved values,
+    # with what this run sets on top (the workers see every field of it as set).
+    cfg.model = effective_model_config(cfg.model)
+    write_inputs(cfg)  # run.dir/inputs: the data workers' tokenizer, image processor and model config
     cfg.save(run_dir / "config.yaml")
     (run_dir / "STOPPED").unlink(missing_ok=True)
     print(f"vipoly train → {run_dir}\n{(run_dir / 'config.yaml').read_text()}", flush=True)
+    print(describe(plan, cfg), flush=True)
 
     done = latest_step(run_dir)
     if done:
         print(f"resumed from step {done}", flush=True)
     init_ray(cfg.run.ray_address)
     warn_unplaceable(cfg)
-    result = build_trainer(cfg, run_dir).fit()  # ray
+    result = build_trainer(cfg, run_dir, plan).fit()  # ray
     if (run_dir / "STOPPED").exists():
         print(f"error: {(run_dir / 'STOPPED').read_text().strip()}", file=sys.stderr)
         return 1

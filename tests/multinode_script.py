@@ -36,7 +36,12 @@ def start_ray(mode: str, temp_dir: str):
     if mode == "single":
         ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False)
         return None
+    from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
+
+    # Cluster.add_node writes the head's address into Ray's default temp dir (/tmp/ray), which no
+    # other run may have made on a fresh machine: without it every start fails the same way.
+    Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
 
     # Ray gives each node a fixed 30 s to register; on a loaded machine that can pass, so try again
     # a few times and tell the test (exit code STARTUP_FAILED) if the cluster never comes up.

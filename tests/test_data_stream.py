@@ -1,5 +1,6 @@
-"""The Ray Data side of the mix: per-source pipelines with encoding stages, per-worker shards,
-collation into model batches, and a resume through real Ray sources."""
+"""The training stream: every worker's share of the global order, read from Parquet (any
+filesystem), encoded, repaired and collated; resume on another number of workers; and the
+encoding stage itself."""
 from __future__ import annotations
 
 import math
@@ -7,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from vipoly.config import DataConfig
 from vipoly.data import synthetic
-from vipoly.data.collate import PairCollate, RayPairCollateFn, collate_pairs, load_builder
+from vipoly.data.collate import RayPairCollateFn, collate_pairs, load_builder
 from vipoly.data.encode import SIDES, encode_table, encoded_files, row_handles, table_rows
-from vipoly.data.mix import measure_ratio
 from vipoly.data.shards import task_sources
-from vipoly.data.stream import build_stream, RaySource, resolve_sources, worker_rows
+from vipoly.data.plan import PlanState
+from vipoly.data.stream import PlannedStream, build_plan, resolve_sources
 from vipoly.tasks import TASKS
 
 
@@ -38,67 +40,140 @@ def test_resolve_sources(prepared, tmp_path):
         resolve_sources(DataConfig(sources={"x": str(tmp_path)}, mix={"x": 1}))
 
 
-def test_worker_shards_are_disjoint_and_complete(ray_session, prepared):
-    files = task_sources(prepared)["instr"]
-    world = 3
-    shards = [[r["id"] for r in RaySource(files, rank=r, world=world)(0)] for r in range(world)]
-    all_ids = [r["id"] for r in RaySource(files)(0)]
-    assert sorted(sum(shards, [])) == sorted(all_ids) and len(all_ids) == 20
-    assert all(shards) and len(set(sum(shards, []))) == 20
-    assert [len(s) for s in shards] == [worker_rows(files, r, world) for r in range(world)]
-    assert [r["id"] for r in RaySource(files, rank=1, world=world)(0)] == shards[1]  # replayable
+def plan_of(prepared, mix, *, batch=8, partitions=4, shuffle=8, seed=0, **data):
+    from vipoly.config import Config
+
+    cfg = Config.model_validate({"data": {"root": str(prepared), "mix": mix, "partitions": partitions,
+                                          "shuffle_buffer": shuffle, **data},
+                                 "train": {"global_batch_size": batch, "batch_size": batch, "grad_accum": 1,
+                                           "num_workers": 1, "seed": seed}})
+    return build_plan(cfg)
 
 
-def test_stream_batches_from_RaySources(ray_session, prepared, tiny_model_dir):
-    data = DataConfig(root=str(prepared), mix={"text_pair": 2, "ocr": 1, "vqa_multi": 1}, shuffle_buffer=8)
-    collate = PairCollate(tiny_model_dir)
-    with build_stream(data, tiny_model_dir, seed=0) as stream:
-        batches = stream.iter_batches(8, collate)
-        first = next(batches)
-        more = [next(batches) for _ in range(4)]
-        state = stream.state()
-    q, p = first["query"], first["pos"]
+def chunks(plan, world, model_dir, n, state=None, **kw):
+    """Per chunk, every worker's rows in rank order; and the position after the last one."""
+    streams = [PlannedStream(plan, r, world, model_dir, state=state, **kw) for r in range(world)]
+    out = []
+    for _ in range(n):
+        rows, positions = [], []
+        for s in streams:
+            got, pos = s.next_chunk()
+            rows += got
+            positions.append(pos)
+        out.append(rows)
+    for s in streams:
+        s.close()
+    return out, positions, streams
+
+
+def test_every_world_trains_on_the_same_samples(prepared, tiny_model_dir):
+    """W = 1, 2, 4 workers: the same rows at every position of every chunk, each worker reading
+    its own lanes; the chunks collate into model batches and follow the mix."""
+    mix = {"text_pair": 2, "ocr": 1, "vqa_multi": 1}
+    plan = plan_of(prepared, mix)
+    one, pos1, _ = chunks(plan, 1, tiny_model_dir, 12)
+    for world in (2, 4):
+        other, pos, _ = chunks(plan, world, tiny_model_dir, 12)
+        assert [[r["id"] for r in c] for c in other] == [[r["id"] for r in c] for c in one], world
+        assert PlanState.merge(pos).to_dict() == PlanState.merge(pos1).to_dict()
+    batch = collate_pairs(one[0], load_builder(str(tiny_model_dir)))
+    q, p = batch["query"], batch["pos"]
     assert q["input_ids"].shape[0] == p["input_ids"].shape[0] == 8
-    assert q["attention_mask"].dtype == torch.long and q["input_ids"].dtype == torch.long
-    tasks = [TASKS[i] for i in first["task_ids"].tolist()]
-    assert first["task_ids"].dtype == torch.long and set(tasks) <= {"text_pair", "ocr", "vqa_multi"}
-    for t, s in zip(tasks, first["scores"].tolist()):
+    tasks = [TASKS[i] for i in batch["task_ids"].tolist()]
+    for t, s in zip(tasks, batch["scores"].tolist()):
         assert (t == "text_pair") == (not math.isnan(s))
-    n_images = sum(t in ("ocr", "vqa_multi") for t in tasks)
-    assert q["image_grid_thw"].shape == (n_images, 3)  # one image per ocr / vqa query, none for text pairs
-    assert "pixel_values" not in p  # positives are texts here
-    assert set(first["lang"]) <= {"vi", "en", "zh"} and len(first["id"]) == 8
-    assert state["per_task"] == {"text_pair": 20, "ocr": 10, "vqa_multi": 10}
-    ids = [i for b in [first, *more] for i in b["id"]]
-    picks = [i.split("-")[2] for i in ids]
-    assert measure_ratio(picks, data.mix, 8)["max_window_dev"]["max"] < 2
+    assert q["image_grid_thw"].shape == (sum(t in ("ocr", "vqa_multi") for t in tasks), 3)
+    seen = {k: 0 for k in mix}
+    for q, c in enumerate(one, 1):  # the exact ratio at every chunk boundary
+        for r in c:
+            seen[r["id"].split("-")[2]] += 1
+        assert all(abs(seen[k] - q * 8 * w / sum(mix.values())) < 1 for k, w in mix.items()), seen
 
 
-def test_resume_through_RaySources(ray_session, prepared):
-    data = DataConfig(root=str(prepared), mix={"instr": 1, "vqa_single": 3}, shuffle_buffer=4)
-    with build_stream(data, seed=2) as full:
-        expected = [full.next()["id"] for _ in range(70)]  # vqa_single (20 rows) wraps twice
-    with build_stream(data, seed=2) as head:
-        got = [head.next()["id"] for _ in range(33)]
-        saved = head.state()
-    with build_stream(data, seed=2, position=saved) as tail:
-        got += [tail.next()["id"] for _ in range(37)]
-    assert got == expected
-    assert saved["epoch"]["vqa_single"] == 1
+def test_resume_on_another_number_of_workers(prepared, tiny_model_dir):
+    plan = plan_of(prepared, {"instr": 1, "vqa_single": 3}, shuffle=4)  # vqa_single (20 rows) wraps
+    straight, _, _ = chunks(plan, 2, tiny_model_dir, 9)
+    _, saved, _ = chunks(plan, 2, tiny_model_dir, 4)
+    state = PlanState.merge(saved).to_dict()
+    assert state["chunk"] == 4
+    tail, _, _ = chunks(plan, 1, tiny_model_dir, 5, state=state)
+    assert [[r["id"] for r in c] for c in tail] == [[r["id"] for r in c] for c in straight[4:]]
 
 
-def test_RaySource_selects_rows_for_a_resume(ray_session, prepared):
-    """`RaySource.select` (what a resume reads): the rows at the chosen indices of a pass, then
-    every row from `start`; files wholly before `start` holding none of them are not read."""
-    files = task_sources(prepared)["vqa_single"]  # 20 rows in 8-row files
-    for world, rank in ((1, 0), (2, 1)):
-        source = RaySource(files, rank=rank, world=world, seed=5)
-        ids = [r["id"] for r in source(3)]
-        n = source.num_rows
-        assert n == len(ids) == worker_rows(files, rank, world)
-        for head, start in (([], 0), ([0, 2], 5), ([1], n - 1), ([0, n - 3], n - 1), ([], n)):
-            got = [r["id"] for r in source.select(3, head, start)]
-            assert got == [ids[k] for k in head] + ids[start:], (world, head, start)
+def test_each_worker_reads_its_share(tmp_path, tiny_model_dir):
+    """Bytes read per worker ≈ 1/W of a source made of many row groups, over one pass."""
+    from vipoly.data.schema import SCHEMA
+
+    n = 2400
+    rows = {"id": [f"{i:08x}{i * 2654435761 % 2**32:08x}" for i in range(n)], "task": ["instr"] * n,
+            "lang": ["vi"] * n, "query_text": [f"câu hỏi số {i} " * 8 for i in range(n)],
+            "pos_text": [f"trả lời {i} " * 12 for i in range(n)]}
+    (tmp_path / "instr").mkdir()
+    table = pa.table({k: rows.get(k, pa.nulls(n, SCHEMA.field(k).type)) for k in SCHEMA.names}, schema=SCHEMA)
+    for f in range(3):
+        pq.write_table(table.slice(f * 800, 800), tmp_path / "instr" / f"part-{f}.parquet", row_group_size=50,
+                       data_page_size=4096)
+    metas = [pq.ParquetFile(f).metadata for f in (tmp_path / "instr").glob("*.parquet")]
+    size = sum(m.row_group(g).column(c).total_compressed_size  # the data; footers are the plan's
+               for m in metas for g in range(m.num_row_groups) for c in range(m.num_columns))
+    plan = plan_of(tmp_path, {"instr": 1}, batch=24, partitions=4, shuffle=96)  # 600-row lane slices
+    for world in (1, 2, 4):
+        _, _, streams = chunks(plan, world, tiny_model_dir, n // 24 - 1, read_ahead=1)  # one pass: the last
+        # chunk is selected (read) ahead of the one handed out
+        read = [s.bytes_read for s in streams]
+        assert max(read) < 1.15 * size / world, (world, read, size)  # + a row group where a slice starts
+        assert min(read) > 0.85 * size / world, (world, read, size)
+
+
+def test_file_uri_root_reads_the_same_rows(prepared, tiny_model_dir):
+    mix = {"instr": 1, "ocr": 1}
+    plain, _, _ = chunks(plan_of(prepared, mix), 1, tiny_model_dir, 3)
+    uri, _, _ = chunks(plan_of(f"file://{prepared}", mix), 2, tiny_model_dir, 3)
+    assert [[r["id"] for r in c] for c in uri] == [[r["id"] for r in c] for c in plain]
+
+
+def test_empty_files_and_sources_fail_naming_them(prepared, tmp_path):
+    import shutil
+
+    from vipoly.data.schema import SCHEMA
+
+    shutil.copytree(prepared / "instr", tmp_path / "instr")
+    pq.write_table(SCHEMA.empty_table(), tmp_path / "instr" / "part-zzz.parquet")
+    with pytest.raises(ValueError, match=r"source 'instr': .*part-zzz.parquet has no rows"):
+        plan_of(tmp_path, {"instr": 1})
+    with pytest.raises(ValueError, match=r"source 'instr' has 20 rows, too few .* data.partitions \(now 64\)"):
+        plan_of(prepared, {"instr": 1}, batch=64, partitions=64)
+
+
+def test_a_corrupt_image_is_skipped_counted_and_quarantined(prepared, tiny_model_dir, tmp_path):
+    """An image that pipelines.prepare never saw fails to decode mid-stream: the row is
+    quarantined with its id and reason, and its slot is filled from the same source."""
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(prepared / "instr", root / "instr")
+    (root / "ocr").mkdir()
+    bad_ids = []
+    for f in sorted((prepared / "ocr").glob("*.parquet")):
+        t = pq.read_table(f)
+        images = t.column("query_images").to_pylist()
+        images[1] = [b"\xff\xd8 not a jpeg"]
+        bad_ids.append(t.column("id")[1].as_py())
+        t = t.set_column(t.schema.get_field_index("query_images"), "query_images",
+                         pa.array(images, t.schema.field("query_images").type))
+        pq.write_table(t, root / "ocr" / f.name)
+    mix = {"instr": 1, "ocr": 1}
+    plan = plan_of(root, mix, batch=8, partitions=2, shuffle=4)
+    quarantine = tmp_path / "quarantine.jsonl"
+    got, _, streams = chunks(plan, 2, tiny_model_dir, 10, quarantine=quarantine)  # 40 ocr samples: 2 passes
+    records = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert {r["id"] for r in records} == set(bad_ids) and all("not an image" in r["reason"] for r in records)
+    assert sum(s.bad_rows for s in streams) == len(records) >= len(bad_ids)
+    ids = [r["id"] for c in got for r in c]
+    assert not set(ids) & set(bad_ids)
+    assert all(len(c) == 8 for c in got)
+    assert sum(i.split("-")[2] == "ocr" for i in ids) == 40  # the ratio holds
 
 
 def test_encoded_rows_equal_encode_one(tiny_model_dir, prepared):
@@ -201,8 +276,8 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(
         {"data": {"root": str(root), "mix": mix, "shuffle_buffer": 8}, "model": {"backbone": str(tiny_model_dir)}}))
     data = DataConfig(root=str(root), mix=mix, shuffle_buffer=8)
-    with build_stream(data, tiny_model_dir, seed=3) as stream:
-        streamed = [stream.next() for _ in range(60)]
+    plan = plan_of(root, mix, seed=3)
+    streamed = [r for c in chunks(plan, 1, tiny_model_dir, 8)[0] for r in c]
 
     summary = encode.main(["--config", str(tmp_path / "cfg.yaml")])
     assert summary["rows"] == 40 and len(summary["skipped"]) == len(task_sources(root)["ocr"])
@@ -212,8 +287,9 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
     assert encoded_files(files["text_pair"], cache, tiny_model_dir) is not None
     assert encoded_files(files["ocr"], cache, tiny_model_dir) is None
     assert resolve_sources(data) == {k: files[k] for k in mix}  # the copies are not sources themselves
-    with build_stream(data, tiny_model_dir, seed=3) as stream:
-        cached = [stream.next() for _ in range(60)]
+    copies = {k: encoded_files(files[k], cache, tiny_model_dir) for k in mix}
+    assert copies["text_pair"] and copies["instr"] and copies["ocr"] is None
+    cached = [r for c in chunks(plan, 2, tiny_model_dir, 8, encoded=copies)[0] for r in c]
     assert [r["id"] for r in cached] == [r["id"] for r in streamed]
     for a, b in zip(cached, streamed):
         assert a.keys() == b.keys()
@@ -229,14 +305,15 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
 def test_pre_encoding_for_a_plain_qwen_checkpoint(ray_session, prepared, plain_qwen_dir, tiny_model_dir, tmp_path):
     """With a plain Qwen2-VL checkpoint as the backbone (the hub id of configs/qwen2vl-2b.yaml),
     `python -m vipoly.data.encode` writes `<run.dir>/inputs` as training does, and the copies it
-    makes are the ones the training run's stream finds. A PolyEmbedder backbone is never written."""
+    makes are the ones the training run's stream finds. A PolyEmbedder backbone is never written:
+    its inputs go to `<run.dir>/inputs` too."""
     import shutil
 
     import yaml
 
     from vipoly.config import Config
     from vipoly.data import encode
-    from vipoly.train.batches import inputs_dir, write_inputs
+    from vipoly.model.inputs import inputs_dir, write_inputs
 
     root = tmp_path / "data"
     shutil.copytree(prepared / "instr", root / "instr")
@@ -248,9 +325,10 @@ def test_pre_encoding_for_a_plain_qwen_checkpoint(ray_session, prepared, plain_q
     assert inputs_dir(cfg) == str(tmp_path / "run" / "inputs")
     assert encoded_files(task_sources(root)["instr"], encode.default_cache(cfg.data), write_inputs(cfg)) is not None
 
-    meta = (tiny_model_dir / "vipoly.json").read_bytes()
+    before = {p: p.read_bytes() for p in tiny_model_dir.rglob("*") if p.is_file()}
     own = Config.model_validate({"model": {"backbone": f"{tiny_model_dir}/"}, "run": {"dir": str(tmp_path / "r2")}})
-    assert Path(write_inputs(own)) == tiny_model_dir and (tiny_model_dir / "vipoly.json").read_bytes() == meta
+    assert write_inputs(own) == str(tmp_path / "r2" / "inputs")
+    assert {p: p.read_bytes() for p in tiny_model_dir.rglob("*") if p.is_file()} == before
 
 
 def test_encoding_empty_blocks_and_rows_without_content(tiny_model_dir, prepared):
@@ -263,3 +341,70 @@ def test_encoding_empty_blocks_and_rows_without_content(tiny_model_dir, prepared
                                        pa.array(["ok", None, "ok"], pa.string()))
     with pytest.raises(ValueError, match=rf"row '{table.column('id')[1].as_py()}': pos_text and pos_images"):
         encode_table(bad, str(tiny_model_dir))
+
+
+def test_a_text_row_without_content_is_replaced_too(prepared, tiny_model_dir, tmp_path):
+    """Text windows are tokenised when read; a row that cannot be (no query at all) is quarantined
+    and its slot filled from the same lane, as an image that does not decode is."""
+    import json
+
+    (tmp_path / "instr").mkdir()
+    t = pq.read_table(prepared / "instr")
+    texts = t.column("query_text").to_pylist()
+    texts[3] = None
+    bad_id = t.column("id")[3].as_py()
+    pq.write_table(t.set_column(t.schema.get_field_index("query_text"), "query_text", pa.array(texts, pa.string())),
+                   tmp_path / "instr" / "part-0.parquet")
+    quarantine = tmp_path / "q.jsonl"
+    got, _, streams = chunks(plan_of(tmp_path, {"instr": 1}, batch=4, partitions=2, shuffle=4), 1, tiny_model_dir,
+                             10, quarantine=quarantine)  # 40 samples: 2 passes over 20 rows
+    records = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert [r["id"] for r in records] == [bad_id, bad_id] and "query_text and query_images" in records[0]["reason"]
+    ids = [r["id"] for c in got for r in c]
+    assert bad_id not in ids and len(ids) == 40 and streams[0].bad_rows == 2
+
+
+def test_memory_does_not_grow_with_the_shuffle_buffer_beyond_raw_bytes(tmp_path, tiny_model_dir):
+    """448² JPEG pages (patches ≈ 4.8 MB each once encoded): raising data.shuffle_buffer from 8 to
+    600 adds at most the raw bytes of the extra rows held, never their patches."""
+    import io
+
+    from PIL import Image
+
+    from vipoly.config import Config
+    from vipoly.data.schema import SCHEMA
+    from vipoly.model.inputs import write_inputs
+
+    rng = np.random.default_rng(0)
+    pages = []
+    for _ in range(16):
+        small = rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(small).resize((448, 448), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        pages.append(buf.getvalue())
+    n = 800
+    images = [[pages[i % len(pages)]] for i in range(n)]
+    cols = {"id": [f"page-{i:05d}" for i in range(n)], "task": ["ocr"] * n, "lang": ["vi"] * n,
+            "query_images": images, "pos_text": [f"văn bản trang {i}" for i in range(n)]}
+    (tmp_path / "ocr").mkdir()
+    pq.write_table(pa.table({k: cols.get(k, pa.nulls(n, SCHEMA.field(k).type)) for k in SCHEMA.names}, schema=SCHEMA),
+                   tmp_path / "ocr" / "part-0.parquet", row_group_size=64, use_dictionary=False)
+    raw_row = (tmp_path / "ocr" / "part-0.parquet").stat().st_size / n
+    model_dir = write_inputs(Config.model_validate({
+        "model": {"backbone": str(tiny_model_dir), "max_length": 1024, "image_max_pixels": 448 * 448},
+        "run": {"dir": str(tmp_path / "run")}}))
+
+    def peak(buffer: int) -> int:
+        plan = plan_of(tmp_path, {"ocr": 1}, batch=4, partitions=4, shuffle=buffer)
+        base, top = pa.total_allocated_bytes(), 0
+        with PlannedStream(plan, 0, 1, model_dir, read_ahead=1) as stream:
+            for _ in range(12):
+                rows, _ = stream.next_chunk()
+                assert rows[0]["q_pixel_values"].shape == (3136, 384)  # 448² in 8-px patches: 4.8 MB
+                top = max(top, pa.total_allocated_bytes() - base)
+                del rows
+        return top
+
+    small, large = peak(8), peak(600)
+    assert large - small < 1.5 * 600 * raw_row, (small, large, raw_row)
+    assert large < 600 * 4.8e6 / 20, (small, large)

@@ -105,7 +105,7 @@ def test_build_from_a_plain_qwen2vl_folder(plain_qwen_dir, tmp_path):
     # Training from such a checkpoint: the data workers get the same inputs from a weightless folder.
     from vipoly.config import Config
     from vipoly.data.encode import TextEncoder
-    from vipoly.train.batches import inputs_dir, write_inputs
+    from vipoly.model.inputs import inputs_dir, write_inputs
 
     cfg = Config.model_validate({"model": model.cfg.model_dump(), "run": {"dir": str(tmp_path / "run")}})
     assert inputs_dir(cfg) == str(tmp_path / "run" / "inputs")
@@ -116,6 +116,30 @@ def test_build_from_a_plain_qwen2vl_folder(plain_qwen_dir, tmp_path):
         assert np.array_equal(got, want)
     with pytest.raises(ValueError, match="format"):
         PolyEmbedder.from_pretrained(inputs_dir(cfg))
+
+
+def test_training_inputs_follow_the_model_config_of_a_polyembedder_backbone(tiny_model_dir, tmp_path):
+    """`--set model.max_length=…` on a PolyEmbedder backbone reaches the data workers as it reaches
+    the model: both read one effective config; the backbone folder is only read."""
+    from vipoly.config import Config
+    from vipoly.data.encode import TextEncoder
+    from vipoly.model.inputs import apply_explicit, effective_model_config, inputs_dir, write_inputs
+
+    before = {p: p.read_bytes() for p in tiny_model_dir.rglob("*") if p.is_file()}
+    cfg = Config.model_validate({"model": {"backbone": str(tiny_model_dir), "max_length": 40, "image_max_pixels": 3136},
+                                 "run": {"dir": str(tmp_path / "run")}})
+    assert TextEncoder(write_inputs(cfg)).max_length == 40
+    builder = InputBuilder.from_pretrained(inputs_dir(cfg))
+    assert builder.cfg.image_max_pixels == 3136
+    assert builder.cfg.projection.out_dim == 32 and builder.cfg.image_min_pixels == 256  # unset: the saved values
+    model = PolyEmbedder.build(cfg.model)
+    assert builder.cfg.model_dump(exclude={"backbone"}) == model.cfg.model_dump(exclude={"backbone"})
+    assert builder.prefix_ids == model.inputs.prefix_ids
+    # Handed on as a whole (a worker's config comes from a dict: every field set), it still builds the same.
+    effective = effective_model_config(cfg.model)
+    as_dict = ModelConfig.model_validate(effective.model_dump(mode="json"))
+    assert as_dict.backbone == str(tiny_model_dir) and apply_explicit(model.cfg, as_dict) == model.cfg
+    assert {p: p.read_bytes() for p in tiny_model_dir.rglob("*") if p.is_file()} == before
 
 
 # ---------------------------------------------------------------- encode contract

@@ -151,3 +151,28 @@ def test_state_round_trip_through_json():
 def test_due_every_k_steps():
     w = TaskWeighter(STWConfig(update_every=5))
     assert [s for s in range(0, 16) if w.due(s)] == [5, 10, 15]
+
+
+def test_first_dynamic_update_uses_only_the_steps_since_updates_became_active():
+    """The loop's sequence (vipoly.train.loop): observe only while dynamic updates are active, update
+    when a window of K steps ends. Exploration-phase losses must not leak into the first update."""
+    from vipoly.config import TrainConfig
+    from vipoly.train.phases import dynamic_stw_active
+
+    tcfg = TrainConfig(phases=(4, 100), dynamic_from_phase="stabilization")
+    cfg = STWConfig(mode="dynamic", update_every=3)
+    early = {"text_pair": 9.0, "instr": 0.1, "ocr": 3.0, "vqa_single": 0.5, "vqa_multi": 7.0}
+
+    def run(observe_always: bool) -> TaskWeighter:
+        w = TaskWeighter(cfg)
+        for step in range(6):  # steps 0–3 explore; 4 and 5 are the first active ones; K ends at 6
+            losses = LOSSES if dynamic_stw_active(step, tcfg) else early
+            if observe_always or dynamic_stw_active(step, tcfg):
+                w.observe(losses, {t: 2 for t in TASKS})
+            done = step + 1
+            if dynamic_stw_active(step, tcfg) and w.due(done) and w.window_losses():
+                w.update_from_window(0)
+        return w
+
+    assert run(observe_always=False).weights(0) == pytest.approx(expected(LOSSES, cfg, 0), rel=1e-12)
+    assert run(observe_always=True).weights(0) != pytest.approx(expected(LOSSES, cfg, 0), rel=1e-3)  # the old leak

@@ -165,3 +165,56 @@ def test_unplaceable_workers_are_named_before_the_wait(ray_session, capsys):
     assert "train.placement_strategy=STRICT_SPREAD needs 2 nodes" in err and "1 node(s)" in err
     train_pipeline.warn_unplaceable(load_config(TINY, ["train.num_workers=2", "train.placement_strategy=PACK"]))
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- the global order at the reference run's shape
+def test_one_worker_trains_on_the_same_samples_as_two(tmp_path, ray_session, straight, data_root, init_model):
+    """The same global batch G on 1 worker as on 2: the same samples at every step (data_digest)
+    and the same losses: the step does not depend on how many workers share it."""
+    run = tmp_path / "one"
+    assert train(run, data_root, init_model, "train.num_workers=1", "train.global_batch_size=20") == 0
+    for ra, rb in zip(steps(straight), steps(run), strict=True):
+        assert ra["data_digest"] == rb["data_digest"], ra["step"]
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
+
+
+def test_paused_on_two_workers_resumes_on_one(tmp_path, ray_session, straight, data_root, init_model, capfd):
+    run = tmp_path / "elastic"
+    assert train(run, data_root, init_model, "train.stop_after=3") == 0
+    assert train(run, data_root, init_model, "train.num_workers=1") == 0  # G = 20 kept from plan.json
+    out = capfd.readouterr().out
+    assert "resumed from step 3" in out and "1 worker(s) × 1 × 20" in out
+    assert [r["data_digest"] for r in steps(run)] == [r["data_digest"] for r in steps(straight)]
+    assert train(run, data_root, init_model, "train.num_workers=3", "train.max_steps=8") == 2
+    err = capfd.readouterr().err
+    assert "train.num_workers=3 cannot continue" in err and "allowed: [1, 2, 4]" in err
+
+
+def test_epochs_with_hash_ids_as_a_user_types_them(tmp_path, ray_session, init_model, monkeypatch, capfd):
+    """`train.epochs` (no max_steps), hash-like ids and 2 workers, relative paths typed from the
+    launch directory: every rank plans the same steps and the run ends at the planned step."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vipoly.data.synthetic import write_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    write_synthetic(tmp_path / "runs/hashed/data", n=100, seed=4)
+    for f in (tmp_path / "runs/hashed/data").glob("*/part-*.parquet"):
+        t = pq.read_table(f)
+        ids = [hashlib.sha1(i.encode()).hexdigest()[:24] for i in t.column("id").to_pylist()]  # as SQuAD/MLQA ids
+        pq.write_table(t.set_column(0, "id", pa.array(ids, pa.string())), f)
+    args = ["--config", "configs/tiny-cpu.yaml", "--set", "data.root=runs/hashed/data", "--set", "run.dir=runs/hashed",
+            "--set", f"model.backbone={init_model}", "--set", "train.max_steps=-1", "--set", "train.steps_per_epoch=null",
+            "--set", "train.epochs=2", "--set", "train.batch_size=8", "--set", "run.wandb=disabled",
+            "--set", "train.checkpoint_every=100", "--set", "train.strategic_checkpoints=[]"]
+    assert train_pipeline.main(args) == 0
+    rows = read_metrics(tmp_path / "runs/hashed/metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))  # floor(100 rows / G = 16) = 6 steps × 2 epochs
+    assert [r["epoch"] for r in rows] == [0] * 6 + [1] * 6
+    assert "6 steps an epoch, 12 in all" in capfd.readouterr().out
+    assert (tmp_path / "runs/hashed/model/vipoly.json").is_file()

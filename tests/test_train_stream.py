@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from vipoly.config import load_config
+from vipoly.data.stream import build_plan
+from vipoly.model.inputs import write_inputs
 from vipoly.train.batches import Prefetcher, TrainStream
 
 TINY = "configs/tiny-cpu.yaml"
@@ -21,9 +23,10 @@ def data_root(tmp_path_factory):
 
 
 def stream(data_root, model_dir, prefetch: int) -> TrainStream:
-    cfg = load_config(TINY, [f"data.root={data_root}", f"model.backbone={model_dir}",
-                             f"data.prefetch_batches={prefetch}", "train.batch_size=4"])
-    return TrainStream(cfg, rank=0, world=1)
+    cfg = load_config(TINY, [f"data.root={data_root}", f"model.backbone={model_dir}", "train.num_workers=1",
+                             f"data.prefetch_batches={prefetch}", "train.batch_size=4", f"run.dir={data_root}/run"])
+    write_inputs(cfg)  # as pipelines.train does before the workers start
+    return TrainStream(cfg, build_plan(cfg), rank=0, world=1)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -39,7 +42,7 @@ def test_prefetched_batches_and_positions_equal_inline_ones(ray_session, data_ro
             assert same(a, b)
             # the position is the one after the batch handed out, not after what was prefetched
             assert ahead.state_dict() == inline.state_dict()
-        assert sum(ahead.counts()["task"].values()) == 20
+        assert ahead.state_dict()["chunk"] == 5 and sum(ahead.state_dict()["taken"].values()) == 20
         position = ahead.state_dict()
         expected = [inline.next_batch() for _ in range(2)]
         ahead.load_state_dict(position)

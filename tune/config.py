@@ -23,7 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vipoly.config import Config, ConfigError, Strict, flatten, load_config, parse_override, read_yaml
+from vipoly.config import (Config, ConfigError, Strict, absolute_path, flatten, load_config, parse_override,
+                           read_yaml)
 
 HARNESS_KEYS = ("base", "heldout", "synthetic", "sweep", "ablate")
 
@@ -192,6 +193,8 @@ def load_harness(path: str | Path | None, overrides: list[str] | None = None,
     if harness.base is not None and not Path(harness.base).is_file():
         raise ConfigError(f"base: training config not found: {harness.base} (paths are relative to the working "
                           "directory, normally the repo root)")
+    if harness.heldout.data:  # absolute, as load_config makes the training paths: trials run elsewhere
+        harness.heldout.data = absolute_path(harness.heldout.root, Path.cwd())
     cfg = load_config(harness.base, train_sets)
     return harness, cfg
 

@@ -105,7 +105,10 @@ class TrialRecord:
 
 
 def prepare_run(cfg: Config, run_dir: Path, inits: dict[int, str]) -> Config:
-    """The trial's training config: its run directory, and the tiny model's initialisation for its seed."""
+    """The trial's training config: its run directory, the tiny model's initialisation for its
+    seed, and the model config that the workers' model and data both follow (`write_inputs`)."""
+    from vipoly.model.inputs import effective_model_config, write_inputs
+
     cfg = cfg.model_copy(deep=True)
     cfg.run.dir = str(run_dir)
     cfg.run.name = run_dir.name
@@ -113,7 +116,11 @@ def prepare_run(cfg: Config, run_dir: Path, inits: dict[int, str]) -> Config:
         if cfg.train.seed not in inits:
             raise ValueError(f"no tiny initialisation was built for train.seed={cfg.train.seed}")
         cfg.model.backbone = inits[cfg.train.seed]
+    # The workers rebuild the config from a dict, where every field counts as set: hand them the
+    # effective one, so that the saved model's unset fields are not replaced by defaults there.
+    cfg.model = effective_model_config(cfg.model)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_inputs(cfg)
     cfg.save(run_dir / "config.yaml")
     return cfg
 

@@ -171,7 +171,16 @@ class DataConfig(Strict):
     """Window over which the achieved ratio is reported. The scheduler (vipoly.data.mix) keeps each
     source within 1 sample of n·p_s on every prefix and within 2 of N·p_s on every window of N."""
     shuffle_buffer: int = Field(256, ge=0)
-    """Per-source shuffle buffer (rows) before mixing; 0 = file order."""
+    """Rows over which each source is shuffled (held as raw rows, spread over the workers: each
+    holds about shuffle_buffer / num_workers of every source); 0 = file order, no shuffle at all.
+    Each pass also lays a source's row groups out in a new seeded order (vipoly.data.plan)."""
+    partitions: int = Field(64, ge=1)
+    """Lanes of the global sample order (MosaicML's canonical nodes): a run gives the same samples
+    at every step, and resumes, on any number of workers that divides both this and the
+    contrastive batch (train.global_batch_size / train.grad_accum)."""
+    read_ahead: int = Field(2, ge=1)
+    """Micro-batches selected and decoding (images in Ray tasks) ahead of the one training: what
+    overlaps image decoding with the step, and bounds the encoded patches held."""
     prefetch_batches: int = Field(0, ge=0)
     """Training batches made ahead in a background thread, to overlap a GPU step; 0 = none. On a
     2-core CPU it cost 10% (docs/benchmarks.md): there the thread competes with the step."""
@@ -209,7 +218,11 @@ class TrainConfig(Strict):
     steps_per_epoch: int | None = Field(None, ge=1)
     """Optimizer steps that make an epoch (β and static weights change per epoch); None = from data size."""
     batch_size: int = Field(12, ge=1)
-    """Per-device micro-batch (pairs)."""
+    """Per-device micro-batch (pairs); derived from global_batch_size when that is set."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """G: samples (pairs) per optimizer step over all workers; batch_size = G / (num_workers ×
+    grad_accum). None = batch_size × grad_accum × num_workers. The global sample order is cut in
+    batches of G, so a run keeps its G when it resumes on another number of workers."""
     grad_accum: int = Field(10, ge=1)
     lr: float = Field(2e-5, gt=0)
     vision_lr: float = Field(2e-6, ge=0)
@@ -287,6 +300,18 @@ class Config(Strict):
     run: RunConfig = RunConfig()
     debug: DebugConfig = DebugConfig()
 
+    @model_validator(mode="after")
+    def _batch_from_global(self):
+        t = self.train
+        if t.global_batch_size is not None:
+            per = t.num_workers * t.grad_accum
+            if t.global_batch_size % per:
+                raise ValueError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                                 f"train.num_workers × train.grad_accum = {per}")
+            if t.batch_size != t.global_batch_size // per:
+                t.batch_size = t.global_batch_size // per
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -341,7 +366,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
-    """Defaults ← `base` dict ← YAML file ← `key=value` overrides, validated as one tree."""
+    """Defaults ← `base` dict ← YAML file ← `key=value` overrides, validated as one tree, with local
+    paths made absolute against the working directory (`resolve_paths`)."""
     tree: dict[str, Any] = {}
     if base:
         for k, v in flatten(base):
@@ -352,10 +378,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _set_path(tree, *parse_override(item))
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
         raise ConfigError("invalid config" + (f" {path}" if path else "") + ":\n" + "\n".join(lines)) from None
+    return resolve_paths(cfg)
+
+
+def absolute_path(path: str, base: Path) -> str:
+    """`path` made absolute against `base` (`~` expanded); a URI with a scheme (s3://, file://) as is."""
+    if "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """A copy of `cfg` whose local paths are absolute, against `base` (default: the working
+    directory). Ray workers run in another directory, so a relative `data.root` typed on the
+    command line would mean something else there. `model.backbone` changes only when it names an
+    existing local folder: `tiny` and hub ids (`Qwen/Qwen2-VL-2B-Instruct`) stay as they are."""
+    base = Path(base).absolute() if base is not None else Path.cwd()
+    out = cfg.model_copy(deep=True)
+
+    def assign(section: BaseModel, name: str, value: Any) -> None:
+        # Only changed values: an assignment marks the field as set explicitly (PolyEmbedder.build reads that).
+        if value != getattr(section, name):
+            setattr(section, name, value)
+
+    data = out.data
+    if data.root is not None:
+        assign(data, "root", absolute_path(data.root, base))
+    assign(data, "sources", {name: absolute_path(p, base) for name, p in data.sources.items()})
+    if data.encoded_dir:
+        assign(data, "encoded_dir", absolute_path(data.encoded_dir, base))
+    assign(out.run, "dir", absolute_path(out.run.dir, base))
+    backbone = absolute_path(out.model.backbone, base)
+    if out.model.backbone != "tiny" and Path(backbone).is_dir():  # `tiny`: built by pipelines.train
+        assign(out.model, "backbone", backbone)
+    return out
 
 
 def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:

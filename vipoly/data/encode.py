@@ -127,6 +127,28 @@ def encode_table(table: pa.Table, model_dir: str) -> pa.Table:
     return pa.table(columns)
 
 
+def has_images(table: pa.Table) -> bool:
+    """Whether any row of a canonical table has an image (the image columns' list lengths)."""
+    return any(c in table.column_names and (pc.sum(pc.list_value_length(table.column(c))).as_py() or 0) > 0
+               for c in ("query_images", "pos_images"))
+
+
+def encode_rows(table: pa.Table, model_dir: str) -> tuple[pa.Table | None, list[tuple[int, str, str]]]:
+    """`encode_table`, but a row that fails (an image that does not decode, a row with nothing in
+    it) does not fail the others: (the encoded good rows in order, [(row index, id, reason)] of the
+    bad ones). What the training stream runs, in a Ray task when the rows have images."""
+    try:
+        return encode_table(table, model_dir), []
+    except Exception:  # noqa: BLE001 - find which rows; each one's own error is its reason
+        good, bad = [], []
+        for i in range(table.num_rows):
+            try:
+                good.append(encode_table(table.slice(i, 1), model_dir))
+            except Exception as e:  # noqa: BLE001
+                bad.append((i, str(table.column("id")[i].as_py()), f"{type(e).__name__}: {e}"))
+        return (pa.concat_tables(good) if good else None), bad
+
+
 def _encode_side(side: str, texts: list, images: list, tasks: list[str], model_dir: str) -> dict[str, pa.Array]:
     rows: list[dict[str, np.ndarray] | None] = [None] * len(texts)
     with_images = [i for i, im in enumerate(images) if im]
@@ -277,7 +299,9 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- pre-encoded text
-ENCODING_VERSION = 1  # bump when the encoded layout changes: old copies then stop matching
+ENCODING_VERSION = 2  # bump when the encoded layout changes: old copies then stop matching
+# 2: one row group per row group of the source file (the global order reads row groups by their
+#    place in the source, vipoly.data.plan), where 1 wrote 4,096-row groups.
 
 
 def fingerprint(model_dir: str | Path) -> str:
@@ -331,8 +355,10 @@ def encoded_files(files: list[str], cache: str | Path | None, model_dir: str | P
 
 def encode_file(source: str, cache: str, model_dir: str, chunk_rows: int = 4096) -> dict[str, Any]:
     """Write the pre-encoded copy of one canonical file (text-only files; a file with images is
-    left to the streaming encoder, since its patches would be ~100× its JPEG bytes). Written to a
-    temporary name and renamed, so a copy is whole or absent."""
+    left to the streaming encoder, since its patches would be ~100× its JPEG bytes): the same rows
+    in the same order and the same row groups, so a range of the source's rows is a range of whole
+    row groups of the copy too. Written to a temporary name and renamed, so a copy is whole or
+    absent."""
     import os
 
     import pyarrow.parquet as pq
@@ -349,11 +375,15 @@ def encode_file(source: str, cache: str, model_dir: str, chunk_rows: int = 4096)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     writer, rows = None, 0
     try:
-        for batch in reader.iter_batches(batch_size=chunk_rows):
-            table = encode_table(pa.Table.from_batches([batch]), str(model_dir))
+        for g in range(reader.num_row_groups):
+            parts = [encode_table(pa.Table.from_batches([batch]), str(model_dir))
+                     for batch in reader.iter_batches(batch_size=chunk_rows, row_groups=[g])]
+            if not parts:
+                continue
+            table = pa.concat_tables(parts)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema.with_metadata(_stamp(src)))
-            writer.write_table(table)
+            writer.write_table(table, row_group_size=max(1, table.num_rows))  # one group, as in the source
             rows += table.num_rows
     except BaseException:
         if writer is not None:
@@ -379,9 +409,8 @@ def default_cache(data) -> str | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`python -m vipoly.data.encode --config CFG [--set ...]`: pre-encode the text sources of
     `data.mix` for `model.backbone` into `data.encoded_dir`, one Ray task per file. Training then
-    reads them instead of tokenising on the fly. A backbone that is a plain Qwen2-VL checkpoint (a
-    hub id) gets `<run.dir>/inputs` first, as `pipelines.train` writes it, so that both see the same
-    tokenizer."""
+    reads them instead of tokenising on the fly. `<run.dir>/inputs` is written first, as
+    `pipelines.train` writes it, so that both see the same tokenizer and `model.max_length`."""
     import argparse
     import sys
 
@@ -390,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from vipoly.config import add_config_args, config_from_args
     from vipoly.data.stream import resolve_sources
-    from vipoly.train.batches import write_inputs
+    from vipoly.model.inputs import write_inputs
 
     parser = argparse.ArgumentParser(prog="python -m vipoly.data.encode", description=main.__doc__.split("\n")[0])
     cfg = config_from_args(add_config_args(parser).parse_args(argv))

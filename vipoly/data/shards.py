@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import glob
 import json
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -146,45 +144,23 @@ def write_quarantine(out: str | Path, records: Iterable[dict[str, Any]]) -> int:
 
 
 def shard_files(path: str | Path) -> list[str]:
-    """Parquet files of a source: a file, a folder (searched recursively) or a glob, sorted."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    if p.is_dir():  # (a pre-encoded copy inside the folder is not a source)
-        files = sorted(str(f) for f in p.rglob("*.parquet") if ENCODED_DIR not in f.relative_to(p).parts)
+    """Parquet files of a source: a file, a folder (searched recursively) or a glob, sorted; or a
+    file or folder URI on any pyarrow/fsspec filesystem (`s3://…`, `gs://…`, `file://…`)."""
+    if "://" in str(path):
+        from vipoly.data.reader import list_parquet
+
+        files = [f for f in list_parquet(str(path)) if ENCODED_DIR not in f.split("/")]
     else:
-        files = sorted(glob.glob(str(path), recursive=True))
+        p = Path(path)
+        if p.is_file():
+            return [str(p)]
+        if p.is_dir():  # (a pre-encoded copy inside the folder is not a source)
+            files = sorted(str(f) for f in p.rglob("*.parquet") if ENCODED_DIR not in f.relative_to(p).parts)
+        else:
+            files = sorted(glob.glob(str(path), recursive=True))
     if not files:
         raise ValueError(f"no Parquet files at {path}")
     return files
-
-
-def keep_worker_rows(batch: pa.Table, rank: int, world: int) -> pa.Table:
-    """Ray Data stage: the rows of worker `rank` of `world` (crc32 of the id, mod world).
-
-    It lives here, in a module without torch, because a Ray worker imports a stage's module
-    before its first batch (torch costs seconds per worker process).
-    """
-    ids = batch.column("id").to_pylist()
-    mask = np.fromiter((zlib.crc32(i.encode("utf-8")) % world == rank for i in ids), dtype=bool, count=len(ids))
-    return batch.filter(pa.array(mask))
-
-
-def keep_selected(batch: pa.Table, keep: dict[str, list[str] | None]) -> pa.Table:
-    """Ray Data stage of a resumed pass: of each file's rows, those whose id `keep[path]` lists
-    (None: every row), by the `path` column of `read_parquet(..., include_paths=True)`, which it
-    drops. Selecting by id rather than by position needs no row numbers across blocks."""
-    paths = batch.column("path")
-    mask = np.zeros(batch.num_rows, dtype=bool)
-    for path in pc.unique(paths).to_pylist():
-        if path not in keep:
-            raise ValueError(f"keep_selected: {path!r} is not among the files of the resumed pass")
-        in_file = np.asarray(pc.equal(paths, path))
-        ids = keep[path]
-        if ids is not None:
-            in_file &= np.asarray(pc.is_in(batch.column("id"), pa.array(ids, batch.column("id").type)))
-        mask |= in_file
-    return batch.filter(pa.array(mask)).drop_columns(["path"])
 
 
 def read_parquet(paths: str | list[str], **kwargs):
@@ -205,12 +181,19 @@ def read_parquet(paths: str | list[str], **kwargs):
 
 
 def task_sources(root: str | Path) -> dict[str, list[str]]:
-    """{task: its shard files} of a prepared folder, for the tasks that have any."""
+    """{task: its shard files} of a prepared folder (a path or a URI), for the tasks that have any."""
     out = {}
     for task in TASKS:
-        d = Path(root, task)
-        if d.is_dir() and any(d.glob("*.parquet")):
-            out[task] = sorted(str(f) for f in d.glob("*.parquet"))
+        if "://" in str(root):
+            from vipoly.data.reader import list_parquet
+
+            folder = f"{str(root).rstrip('/')}/{task}"
+            files = [f for f in list_parquet(folder) if f.rsplit("/", 1)[0] == folder]
+        else:
+            d = Path(root, task)
+            files = sorted(str(f) for f in d.glob("*.parquet")) if d.is_dir() else []
+        if files:
+            out[task] = files
     if not out:
         raise ValueError(f"{root} holds no prepared shards (expected {root}/<task>/part-*.parquet)")
     return out

@@ -1,42 +1,43 @@
-"""Ray Data sources for the mixed stream: one lazily read dataset per source, sharded per worker,
-encoded in Ray Data stages.
+"""One worker's share of the global sample order, as encoded rows, chunk after chunk.
 
-    sources = resolve_sources(cfg.data)                      # {name: parquet files}
-    stream = build_stream(cfg.data, model_dir, rank=r, world=W, seed=cfg.train.seed)
-    for batch in stream.iter_batches(cfg.train.batch_size, PairCollate(model_dir)): ...
+    plan = build_plan(cfg)                                   # the driver: footers only
+    stream = PlannedStream(plan, rank, world, model_dir)     # each worker
+    rows, position = stream.next_chunk()                     # its C/W rows of the next chunk
 
-Per source and pass ("epoch") the pipeline is
+Per chunk (`vipoly.data.plan` defines chunks, lanes and the order):
+    select    the plan says which lane sample sits at each of this worker's positions; each lane's
+              cursor hands out the raw rows (JPEG bytes) from the block it holds, reading only its
+              own slice of the source (`vipoly.data.reader`);
+    encode    rows with images are decoded and run through the image processor after the
+              selection, in Ray tasks (`encode_rows`, `data.read_ahead` chunks in flight, so
+              decoding overlaps the step); text rows are tokenised when their lane reads its
+              window, in one batched call (≈ 0.15 ms a row in this process: a Ray task per chunk
+              would cost more than the work); sources with pre-encoded copies
+              (`python -m vipoly.data.encode`) are read from the copies and not encoded at all;
+    repair    a row that fails to decode is skipped, counted (`bad_rows`), written with its id and
+              reason to the quarantine file, and its slot filled by the next replacement row of the
+              same lane and source (from the end of the lane's slice), so the ratio holds;
+    order     the rows go back into position order (`BlockRow` handles over one Arrow table).
 
-    read_parquet(files, in an order shuffled per epoch) → keep this worker's rows → encode_table
-
-(or, for a source pre-encoded by `python -m vipoly.data.encode`, read its copies → keep this
-worker's rows), whose blocks come back as Arrow tables (`iter_batches`, not `iter_rows`: no Python
-object per value) and are split into `BlockRow` handles (`row_handles`: no dict per row; the
-collate reads each row's token ids as numpy views of its block). The rows feed `MixedStream`, which
-shuffles each source through a seeded buffer and picks the source of every sample by the
-exact-ratio scheduler.
-
-Per-worker sharding: worker r of W keeps the rows with crc32(id) mod W = r. Every row belongs to
-exactly one worker whatever the file or block layout, and the choice depends on the data alone, so
-a restarted worker sees the same rows in the same order (Ray's `streaming_split` hands blocks to
-whichever worker asks first, which a data position cannot replay). The price: each worker reads
-every file of a source (but decodes and encodes only its own 1/W of the rows).
-
-Determinism: the datasets run with `preserve_order=True`, so a source's row order is a function
-of its files, the epoch and the seed.
+Why not a Ray Data pipeline per source, as before: Ray Data has no resumable state and hands
+blocks to whichever reader asks, so every worker read every file and kept its rows by a hash of
+the id, shuffled encoded patches (≈ 4.8 MB a 448² image) in its buffer, and counted its own steps.
+Here the selection happens on indices first and only the chosen raw rows are read and decoded.
 """
 from __future__ import annotations
 
-import random
+import json
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 
-from vipoly.config import DataConfig
-from vipoly.data.encode import default_cache, encode_table, encoded_files, row_handles
-from vipoly.data.mix import MixedStream, MixPosition, close_rows
-from vipoly.data.shards import keep_selected, keep_worker_rows, read_parquet, shard_files, task_sources
+from vipoly.config import Config, DataConfig
+from vipoly.data.encode import EncodedBlock, encode_rows, has_images
+from vipoly.data.plan import Plan, PlanState, SourceIndex
+from vipoly.data.reader import Bad, LaneCursor
+from vipoly.data.shards import shard_files, task_sources
 
 
 def resolve_sources(data: DataConfig) -> dict[str, list[str]]:
@@ -55,170 +56,185 @@ def resolve_sources(data: DataConfig) -> dict[str, list[str]]:
     return found
 
 
-class RaySource:
-    """A source for MixedStream: `source(epoch) -> rows` via a fresh Ray Data pipeline per epoch,
-    and `source.select(epoch, head, start)` for a resumed pass (`MixedStream._resume`).
+def global_batch(cfg: Config) -> int:
+    """G: `train.global_batch_size`, or batch_size × grad_accum × num_workers when unset."""
+    t = cfg.train
+    return t.global_batch_size or t.batch_size * t.grad_accum * t.num_workers
 
-    With `model_dir`, rows are encoded (`vipoly.data.encode.encode_table`) in a Ray Data stage;
-    without, they are canonical rows. When encoding, blocks hold about `block_rows` rows, by default
-    `TEXT_BLOCK_ROWS` for a source without images and `IMAGE_BLOCK_ROWS` for one with them (a whole
-    file as one block would make the first encoded row wait for the whole file's encoding; plain
-    reads keep Ray's larger blocks, which are cheaper per row). `encoded`: pre-encoded copies of
-    `files` (`vipoly.data.encode.encoded_files`), same rows in the same order, read instead of
-    encoding, in blocks of about `ENCODED_BLOCK_ROWS` rows. One encoding task per CPU: more made
-    Ray start more worker processes, each paying its imports, and ran slower on 2 cores.
-    """
 
-    def __init__(self, files: list[str], *, rank: int = 0, world: int = 1, seed: int = 0,
-                 model_dir: str | Path | None = None, encoded: list[str] | None = None,
-                 block_rows: int | None = None, encode_num_cpus: float = 1.0):
-        if not files:
-            raise ValueError("RaySource: no files")
-        if not 0 <= rank < world:
-            raise ValueError(f"worker rank {rank} outside [0, {world})")
-        if encoded is not None and len(encoded) != len(files):
-            raise ValueError(f"RaySource: {len(encoded)} encoded copies for {len(files)} files")
-        self.files, self.encoded, self.rank, self.world, self.seed = files, encoded, rank, world, seed
-        self.model_dir, self.encode_num_cpus = model_dir, encode_num_cpus
-        self.block_rows = None
-        if model_dir is not None and encoded is None:
-            self.block_rows = block_rows or (IMAGE_BLOCK_ROWS if has_images(files) else TEXT_BLOCK_ROWS)
-        self._counts: dict[int, int] = {}  # this worker's rows per file
+def build_plan(cfg: Config) -> Plan:
+    """The run's global order from the sources' footers (what the driver hands to the workers)."""
+    files = resolve_sources(cfg.data)
+    used = {name: fs for name, fs in files.items() if cfg.data.mix.get(name, 0) > 0}
+    sources = {name: SourceIndex.from_footers(name, fs) for name, fs in used.items()}
+    return Plan(sources, cfg.data.mix, global_batch=global_batch(cfg), grad_accum=cfg.train.grad_accum,
+                partitions=cfg.data.partitions, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed)
 
-    def __call__(self, epoch: int) -> Iterable[dict[str, Any]]:
-        return self._pipeline(self._order(epoch))
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.files)))
-        random.Random(f"{self.seed}/files/{epoch}").shuffle(order)  # the same order for a source and its copy
-        return order
+class _Chunk:
+    """A selected chunk on its way: the rows ready (position, BlockRow), the bad rows to replace
+    (source, address, position, id, reason), the encodings pending (source, ObjectRef or raw
+    table, positions, addresses) and the plan state after it."""
 
-    def _pipeline(self, order: list[int], keep: dict[int, list[str] | None] | None = None) -> Iterator[dict[str, Any]]:
-        """Rows of the files `order` (indices into `files`), this worker's share, encoded; with
-        `keep`, only the rows of each file whose ids it lists (None: every row)."""
-        paths = [(self.encoded or self.files)[i] for i in order]
-        if self.encoded is not None:
-            num_blocks = -(-count_rows(paths) // ENCODED_BLOCK_ROWS)
-        elif self.block_rows is not None:
-            num_blocks = max(len(paths), -(-count_rows(paths) // self.block_rows))
-        else:
-            num_blocks = None
-        if keep is not None:
-            paths = [str(Path(f).resolve()) for f in paths]  # what Ray's `path` column reports
-        ds = read_parquet(paths, override_num_blocks=num_blocks, include_paths=keep is not None)  # ray
-        if self.world > 1:
-            ds = ds.map_batches(keep_worker_rows, fn_kwargs={"rank": self.rank, "world": self.world},
-                                batch_format="pyarrow")
-        if keep is not None:
-            ds = ds.map_batches(keep_selected, fn_kwargs={"keep": {p: keep[i] for p, i in zip(paths, order)}},
-                                batch_format="pyarrow")
-        if self.block_rows is not None:
-            ds = ds.map_batches(encode_table, fn_kwargs={"model_dir": str(self.model_dir)}, batch_format="pyarrow",
-                                batch_size=self.block_rows, num_cpus=self.encode_num_cpus)  # ray: decode + processor
-        ds.context.execution_options.preserve_order = True  # ray: the same order on every replay
-        return _rows(ds, row_handles if self.model_dir is not None else pa.Table.to_pylist)
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+        self.ready: list[tuple[int, Any]] = []
+        self.bad: list[tuple[int, Any, int, str, str]] = []
+        self.pending: list[tuple[int, Any, list[int], list]] = []
 
-    # -- a resumed pass
-    def _ids(self, i: int) -> list[str]:
-        """This worker's ids of file i, in file order (reads the id column only)."""
-        import pyarrow.parquet as pq
 
-        table = pq.read_table(self.files[i], columns=["id"])
-        return keep_worker_rows(table, self.rank, self.world).column("id").to_pylist()
+class PlannedStream:
+    """Worker `rank` of `world`'s rows of the global order; see the module docstring.
 
-    def _count(self, i: int) -> int:
-        if i not in self._counts:
-            self._counts[i] = count_rows([self.files[i]]) if self.world == 1 else len(self._ids(i))
-        return self._counts[i]
+    `state`: a `PlanState` dict to continue from (from any number of workers). `encoded`: {source:
+    its pre-encoded copies, same rows in the same order} for the sources that have them.
+    `quarantine`: the JSON-lines file bad rows are written to."""
+
+    def __init__(self, plan: Plan, rank: int, world: int, model_dir: str | Path, *, state: dict | None = None,
+                 encoded: dict[str, list[str] | None] | None = None, read_ahead: int = 2,
+                 quarantine: str | Path | None = None, encode_num_cpus: float = 1.0):
+        plan.check_workers(world)
+        self.plan, self.rank, self.world, self.model_dir = plan, rank, world, str(model_dir)
+        self.positions = plan.positions(rank, world)
+        self.selection = PlanState.from_dict(state) if state else plan.fresh_state()
+        for name in plan.names:
+            if name not in self.selection.front:
+                raise ValueError(f"the saved data position has no source {name!r}: data.mix changed since it was saved")
+        self.back = {name: dict(self.selection.back.get(name, {})) for name in plan.names}
+        self.files = {name: (encoded or {}).get(name) or plan.sources[name].files for name in plan.names}
+        self.is_encoded = {name: bool((encoded or {}).get(name)) for name in plan.names}
+        self.read_ahead = max(1, read_ahead)
+        self.quarantine = Path(quarantine) if quarantine else None
+        self.counter = [0]
+        self.bad_rows = 0
+        self._cursors: dict[tuple[int, int], LaneCursor] = {}
+        self._inflight: deque[_Chunk] = deque()
+        self._position = self.selection.to_dict()
+        self._remote = None
+        self._encode_num_cpus = encode_num_cpus
 
     @property
-    def num_rows(self) -> int:
-        """This worker's rows in one pass."""
-        return sum(self._count(i) for i in range(len(self.files)))
+    def bytes_read(self) -> int:
+        """Bytes this worker has read from Parquet files (footers excepted)."""
+        return self.counter[0]
 
-    def select(self, epoch: int, head: list[int], start: int) -> Iterator[dict[str, Any]]:
-        """The rows at the pass indices `head` (ascending, below `start`), then every row from
-        `start` on. Files wholly before `start` with no `head` row are not read at all; in the
-        others, a Ray Data stage before the encoding keeps the wanted rows by id."""
-        order, keep, base = [], {}, 0
-        head = list(head)
-        for i in self._order(epoch):
-            end = base + self._count(i)
-            if base >= start:
-                keep[i] = None
+    def state(self) -> dict[str, Any]:
+        """The position after the last chunk handed out (JSON-able, the same for every W)."""
+        return self._position
+
+    # -- select
+    def _cursor(self, s: int, lane: int) -> LaneCursor:
+        key = (s, lane)
+        if key not in self._cursors:
+            name = self.plan.names[s]
+            self._cursors[key] = LaneCursor(self.plan, name, lane, self.files[name], self.counter,
+                                            encoded=self.is_encoded[name], model_dir=self.model_dir)
+        return self._cursors[key]
+
+    def _select(self) -> _Chunk:
+        addresses = self.plan.advance(self.selection, self.positions)
+        chunk = _Chunk({**self.selection.to_dict(), "back": {}})
+        base = self.positions.start
+        by_source: dict[int, dict[int, list]] = {}
+        for i, a in enumerate(addresses):
+            by_source.setdefault(a.source, {}).setdefault(a.lane, []).append((base + i, a))
+        for s, lanes in sorted(by_source.items()):
+            raw: dict[int, tuple[pa.Table, list[int], list[int], list]] = {}  # per raw window: rows to take
+            for lane, items in sorted(lanes.items()):
+                for (pos, a), item in zip(items, self._cursor(s, lane).rows([a.j for _, a in items])):
+                    if isinstance(item, Bad):
+                        chunk.bad.append((s, a, pos, item.id, item.reason))
+                    elif isinstance(item, tuple):
+                        table, row = item
+                        entry = raw.setdefault(id(table), (table, [], [], []))
+                        entry[1].append(row)
+                        entry[2].append(pos)
+                        entry[3].append(a)
+                    else:
+                        chunk.ready.append((pos, item))
+            if raw:
+                parts = [t.take(rows) for t, rows, _, _ in raw.values()]
+                table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+                chunk.pending.append((s, self._submit(table), sum((p for _, _, p, _ in raw.values()), []),
+                                      sum((a for _, _, _, a in raw.values()), [])))
+        return chunk
+
+    def _submit(self, table: pa.Table):
+        """A Ray task for rows with images (decoding overlaps the step); text stays here."""
+        import ray  # ray
+
+        if not has_images(table) or not ray.is_initialized():
+            return table
+        if self._remote is None:
+            # ray: "DEFAULT" schedules outside the Train/Tune worker's placement group, whose bundle
+            # holds the worker's own CPUs; decoding uses the node's others (as Ray Data's tasks did).
+            self._remote = ray.remote(num_cpus=self._encode_num_cpus, scheduling_strategy="DEFAULT")(encode_rows)
+        return self._remote.remote(table, self.model_dir)  # ray
+
+    # -- encode, repair, order
+    def _finish(self, chunk: _Chunk) -> list:
+        """The chunk's rows in position order, once its encodings are done and bad rows replaced."""
+        rows = list(chunk.ready)
+        for s, a, pos, row_id, reason in chunk.bad:  # text rows that failed when their window was read
+            rows.append((pos, EncodedBlock(self._repair(s, a, row_id, reason)).rows()[0]))
+        for s, job, pos, addrs in chunk.pending:
+            if isinstance(job, pa.Table):
+                encoded, bad = encode_rows(job, self.model_dir)
             else:
-                picks = [k - base for k in head if base <= k < end] + list(range(max(start - base, 0), end - base))
-                if picks:
-                    ids = self._ids(i)
-                    keep[i] = [ids[k] for k in picks]
-            if i in keep:
-                order.append(i)
-            base = end
-        return self._pipeline(order, keep) if order else iter(())
+                import ray  # ray
 
+                encoded, bad = ray.get(job)  # ray
+            bad_at = {i for i, _, _ in bad}
+            if encoded is not None and encoded.num_rows:
+                rows += zip((p for i, p in enumerate(pos) if i not in bad_at), EncodedBlock(encoded).rows())
+            for i, row_id, reason in bad:
+                rows.append((pos[i], EncodedBlock(self._repair(s, addrs[i], row_id, reason)).rows()[0]))
+        rows.sort(key=lambda item: item[0])
+        return [row for _, row in rows]
 
-def _rows(ds, split: Callable[[pa.Table], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-    """The rows of a Ray Dataset, block by block (closing this generator stops the pipeline)."""
-    blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))  # ray: whole blocks
-    try:
-        for table in blocks:
-            yield from split(table)
-    finally:
-        close_rows(blocks)  # a generator: closing it shuts the executor down
+    def _repair(self, s: int, a, row_id: str, reason: str) -> pa.Table:
+        """Quarantine the bad row and return the encoded replacement of its slot."""
+        name = self.plan.names[s]
+        lane = str(a.lane)
+        while True:
+            self.bad_rows += 1
+            self._quarantine({"id": row_id, "source": name, "lane": a.lane, "reason": reason})
+            r = self.back[name].get(lane, 0)
+            self.back[name][lane] = r + 1
+            raw = self._cursor(s, a.lane).replacement(a.j, r)
+            encoded, bad = encode_rows(raw, self.model_dir)
+            if not bad:
+                return encoded
+            _, row_id, reason = bad[0]
 
+    def _quarantine(self, record: dict[str, Any]) -> None:
+        if self.quarantine is None:
+            return
+        self.quarantine.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.quarantine, "a", encoding="utf-8") as f:  # one short append per line: workers share it
+            f.write(json.dumps({**record, "rank": self.rank}, ensure_ascii=False) + "\n")
 
-TEXT_BLOCK_ROWS = 1024
-"""Rows per encoded block of a text source. Each Ray Data task costs tens of ms on top of its work;
-a text row encodes in ≈ 0.15 ms, so small blocks were mostly overhead (one source on 2 cores:
-256-row blocks 3,300–4,000 rows/s, 1,024-row blocks 7,400)."""
-ENCODED_BLOCK_ROWS = 16384
-"""Rows per block read from pre-encoded copies. Ray's default split a 16k-row file into six blocks,
-and each block costs the consumer's process (Ray's executor and iterator threads share its GIL)
-about as much as a few thousand rows: warm streams of 96,000 samples through the mix and collate
-ran at 29,700–31,800 samples/s with one 16k-row block per file, 22,600–24,800 with six (2 cores;
-a scratch loop over bench/data_pipeline.py's shards, see docs/benchmarks.md)."""
-IMAGE_BLOCK_ROWS = 32
-"""Rows per encoded block of an image source: a 448² image is ≈ 4.8 MB of float32 patches once
-encoded, so 32 rows make blocks of ≈ 150 MB; decoding, at ≈ 20 ms an image, dwarfs the task cost."""
+    # -- the stream
+    def next_chunk(self) -> tuple[list, dict[str, Any]]:
+        """This worker's rows of the next chunk (BlockRow handles, in position order) and the
+        position after them."""
+        while len(self._inflight) < self.read_ahead:
+            self._inflight.append(self._select())
+        chunk = self._inflight.popleft()
+        rows = self._finish(chunk)
+        self._inflight.append(self._select())  # keep `read_ahead` chunks decoding while this one trains
+        back = {name: dict(lanes) for name, lanes in self.back.items() if lanes}
+        self._position = {**chunk.state, "back": back}
+        return rows, self._position
 
+    def close(self) -> None:
+        self._inflight.clear()
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors.clear()
 
-def has_images(files: list[str]) -> bool:
-    """Whether any row of `files` has an image, from the Parquet footers (no data read): the
-    image columns hold more than a few bytes per row."""
-    import pyarrow.parquet as pq
+    def __enter__(self) -> "PlannedStream":
+        return self
 
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        names = [meta.schema.column(i).path for i in range(meta.num_columns)]
-        image_cols = [i for i, n in enumerate(names) if n.split(".")[0] in ("query_images", "pos_images")]
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            if sum(group.column(i).total_uncompressed_size for i in image_cols) > 64 * max(group.num_rows, 1):
-                return True
-    return False
-
-
-def build_stream(data: DataConfig, model_dir: str | Path | None = None, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, position: MixPosition | dict | None = None, **source_kwargs) -> MixedStream:
-    """The mixed stream of `data.mix` over `resolve_sources(data)`, for worker `rank` of `world`."""
-    files = resolve_sources(data)
-    cache = default_cache(data) if model_dir is not None else None
-    sources = {name: RaySource(fs, rank=rank, world=world, seed=seed, model_dir=model_dir,
-                               encoded=encoded_files(fs, cache, model_dir) if cache else None, **source_kwargs)
-               for name, fs in files.items()}
-    weights = {name: w for name, w in data.mix.items() if name in sources}
-    return MixedStream(sources, weights, seed=seed, shuffle_buffer=data.shuffle_buffer, position=position)
-
-
-def count_rows(files: list[str]) -> int:
-    """Rows in Parquet files, from their footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
-def worker_rows(files: list[str], rank: int, world: int) -> int:
-    """Rows of `files` that worker `rank` of `world` gets (reads the id column only)."""
-    import pyarrow.parquet as pq
-
-    return sum(keep_worker_rows(pq.read_table(f, columns=["id"]), rank, world).num_rows for f in files)
+    def __exit__(self, *exc) -> None:
+        self.close()

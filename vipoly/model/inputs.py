@@ -15,6 +15,10 @@ bytes and are decoded here); `pad` turns a list of them into one right-padded ba
 Right padding keeps every real token at the position it has alone, so a vector does not depend on
 its batch. `pack` concatenates them instead, with no padding at all (see packing.py); the model
 takes either kind of batch.
+
+A training run's data workers build their `InputBuilder` from `<run.dir>/inputs` (`write_inputs`):
+the backbone's processor and the model config the model itself is built with, whatever the
+backbone is, so that a `--set model.max_length=…` reaches tokenisation as it reaches the model.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
 
-from vipoly.config import ModelConfig
+from vipoly.config import Config, ModelConfig
 from vipoly.model.packing import pack_rows
 from vipoly.tasks import TASKS, check_task, prefix
 
@@ -59,23 +64,77 @@ def decode_image(x: Any) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def is_polyembedder_dir(path: str | Path) -> bool:
+    """Whether `path` is a folder with vipoly.json (a saved PolyEmbedder), not a plain Qwen2-VL checkpoint."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def apply_explicit(saved: ModelConfig, given: ModelConfig) -> ModelConfig:
+    """`saved` with the fields set explicitly in `given` (pydantic's `model_fields_set`: YAML or
+    `--set`) applied, nested sections field by field. The backbone stays the saved provenance."""
+    update = _explicit(given)
+    update.pop("backbone", None)
+    return ModelConfig.model_validate(_merge(saved.model_dump(), update))
+
+
+def _explicit(cfg: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in cfg.model_fields_set:
+        value = getattr(cfg, name)
+        out[name] = _explicit(value) if isinstance(value, BaseModel) else value
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return merged
+
+
+def effective_model_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The ModelConfig `PolyEmbedder.build(model_cfg)` runs with, its backbone still `model_cfg`'s:
+    for a PolyEmbedder folder the saved config with `model_cfg`'s explicit fields applied, else
+    `model_cfg` itself. Handed on as a whole, it builds the same model again (every field explicit)."""
+    if not is_polyembedder_dir(model_cfg.backbone):
+        return model_cfg
+    saved = ModelConfig.model_validate(json.loads((Path(model_cfg.backbone) / META_FILE).read_text())["model"])
+    return apply_explicit(saved, model_cfg).model_copy(update={"backbone": model_cfg.backbone})
+
+
 def save_inputs(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
-    """The input side of `PolyEmbedder.build(model_cfg)` without its weights: the processor, with the
-    task tokens `build` adds (same tokens, same order, so the same ids), and vipoly.json's model
-    config. The data workers (`InputBuilder.from_pretrained`, vipoly.data.encode) read a PolyEmbedder
-    folder; a training run that starts from a plain Qwen2-VL checkpoint (a hub id) has none, so
-    `pipelines.train` writes this for them. It holds no weights: `from_pretrained` refuses it."""
+    """The input side of `PolyEmbedder.build(model_cfg)` without its weights: the processor and, in
+    vipoly.json, the effective model config (`effective_model_config`). A plain Qwen2-VL
+    checkpoint's processor gets the task tokens `build` adds (same tokens, same order, so the same
+    ids); a PolyEmbedder folder's already has them. The data workers (`InputBuilder.from_pretrained`,
+    vipoly.data.encode) read this, so they tokenise and resize images as the model is configured.
+    It holds no weights: `PolyEmbedder.from_pretrained` refuses it."""
     from vipoly.model.backbone import load_processor, save_processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor = load_processor(model_cfg.backbone)
-    if model_cfg.task_tokens:
+    if model_cfg.task_tokens and not is_polyembedder_dir(model_cfg.backbone):
         processor.tokenizer.add_tokens([prefix(t).strip() for t in TASKS], special_tokens=True)
     save_processor(processor, out)
-    meta = {"format": "inputs-only", "model": model_cfg.model_dump(mode="json")}
+    meta = {"format": "inputs-only", "model": effective_model_config(model_cfg).model_dump(mode="json")}
     (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def inputs_dir(cfg: Config) -> str:
+    """Where the data workers find the run's tokenizer, image processor and model config:
+    `<run.dir>/inputs`, written by `write_inputs` before training starts."""
+    return str(Path(cfg.run.dir) / "inputs")
+
+
+def write_inputs(cfg: Config) -> str:
+    """`inputs_dir(cfg)`, written (`save_inputs`) for whatever the backbone is, so that the model and
+    the data workers follow one ModelConfig: a `--set model.max_length=…` on a PolyEmbedder
+    backbone reaches the tokenisation too. What `pipelines.train` and `python -m vipoly.data.encode`
+    both call, so the pre-encoded copies match the training run's inputs. The backbone folder is
+    only read."""
+    return str(save_inputs(cfg.model, inputs_dir(cfg)))
 
 
 class InputBuilder:

@@ -1,19 +1,25 @@
-"""The training batches of one worker: the mixed data stream (vipoly.data) → one padded forward
-batch holding the queries then the positives, plus task ids and scores.
+"""The training batches of one worker: its share of the global sample order (vipoly.data.plan,
+vipoly.data.stream) → one padded (or packed) forward batch holding the queries then the positives,
+plus task ids and scores.
 
-`StreamFactory` is what the driver hands to every Ray Train worker (it pickles: only the config
-travels); each worker calls it with its rank to open its own shard of every source.
+`StreamFactory` is what the driver hands to every Ray Train worker (it pickles: the config and
+the run's plan travel); each worker calls it with its rank to open its own lanes of every source.
 """
 from __future__ import annotations
 
 import queue
 import threading
 
+from pathlib import Path
+
 from vipoly.config import Config, TrainConfig
 from vipoly.data.collate import load_builder, pair_labels, sides
-from vipoly.data.stream import build_stream, resolve_sources, worker_rows
+from vipoly.data.encode import default_cache, encoded_files
+from vipoly.data.shards import QUARANTINE
+from vipoly.data.stream import PlannedStream, resolve_sources
+from vipoly.model.inputs import inputs_dir, write_inputs  # write_inputs: re-exported
 
-__all__ = ["StreamFactory", "TrainStream", "inputs_dir", "resolve_sources"]
+__all__ = ["StreamFactory", "TrainStream", "inputs_dir", "resolve_sources", "write_inputs"]
 
 
 class Prefetcher:
@@ -54,50 +60,52 @@ class Prefetcher:
 
 
 class TrainStream:
-    """One worker's batches: `next_batch()`, with the stream position of the last batch handed out
-    (`state_dict`, for checkpoints) and the samples counted per task and language (`counts`).
+    """One worker's batches: `next_batch()`, with the data position of the last batch handed out
+    (`state_dict`, for checkpoints; the same for every number of workers) and the step plan
+    (`total_steps`, `steps_per_epoch`), which comes from the driver's `Plan` and so is the same
+    on every rank.
 
     With `data.prefetch_batches` > 0 the batches are made in a background thread; each carries the
     position after it, so a checkpoint records what the model has seen, not what was prefetched."""
 
-    def __init__(self, cfg: Config, rank: int, world: int):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        import ray.data  # ray
-
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ray: workers log the console line instead
+    def __init__(self, cfg: Config, plan, rank: int, world: int):
+        self.cfg, self.plan, self.rank, self.world = cfg, plan, rank, world
         self.model_dir = inputs_dir(cfg)
         self.builder = load_builder(self.model_dir)
-        self.files = resolve_sources(cfg.data)
+        cache = default_cache(cfg.data)
+        self.encoded = {name: encoded_files(index.files, cache, self.model_dir) if cache else None
+                        for name, index in plan.sources.items()}
         self._open(None)
 
     def _open(self, position: dict | None) -> None:
-        self.stream = build_stream(self.cfg.data, self.model_dir, rank=self.rank, world=self.world,
-                                   seed=self.cfg.train.seed, position=position)
+        self.stream = PlannedStream(self.plan, self.rank, self.world, self.model_dir, state=position,
+                                    encoded=self.encoded, read_ahead=self.cfg.data.read_ahead,
+                                    quarantine=Path(self.cfg.run.dir) / QUARANTINE)
         self._state = self.stream.state()
         depth = self.cfg.data.prefetch_batches
         self._prefetch = Prefetcher(self._make_batch, depth) if depth else None
 
-    # -- sizes
+    # -- sizes: from the plan, identical on every rank
     def steps_per_epoch(self, tcfg: TrainConfig) -> int:
-        """Optimizer steps for one pass over this worker's rows of every source."""
-        rows = sum(worker_rows(fs, self.rank, self.world) for fs in self.files.values())
-        return max(1, rows // (tcfg.batch_size * tcfg.grad_accum))
+        """Optimizer steps in one epoch: floor(Σ rows of the mixed sources / G), unless set."""
+        return tcfg.steps_per_epoch or self.plan.steps_per_epoch()
 
     def total_steps(self, tcfg: TrainConfig) -> int:
         if tcfg.max_steps >= 0:
             return tcfg.max_steps
-        per_epoch = tcfg.steps_per_epoch or self.steps_per_epoch(tcfg)
-        return per_epoch * tcfg.epochs
+        return self.steps_per_epoch(tcfg) * tcfg.epochs
 
     # -- batches
     def _make_batch(self) -> tuple[dict, dict]:
-        rows = [self.stream.next() for _ in range(self.cfg.train.batch_size)]
+        rows, position = self.stream.next_chunk()
         batch = pair_labels(rows)
         # Queries and positives go through the model in ONE forward pass: DDP sees one graph per
         # step, and the backbone runs one larger batch instead of two.
         both = sides(rows)
         batch["inputs"] = self.builder.pack(both) if self.cfg.train.packed_sequences else self.builder.pad(both)
-        return batch, self.stream.state()
+        batch["bad_rows"] = self.stream.bad_rows
+        batch["bytes_read"] = self.stream.bytes_read
+        return batch, position
 
     def next_batch(self) -> dict:
         batch, self._state = self._prefetch.get() if self._prefetch else self._make_batch()
@@ -111,49 +119,22 @@ class TrainStream:
         self.close()
         self._open(state)
 
-    def counts(self) -> dict:
-        return {"task": dict(self._state["per_task"]), "lang": dict(self._state["per_lang"])}
-
     def close(self) -> None:
         if self._prefetch is not None:
             self._prefetch.close()  # first: the thread is the only user of the stream
         self.stream.close()
 
 
-def inputs_dir(cfg: Config) -> str:
-    """Where the data workers find the model's tokenizer and image processor: the backbone itself
-    when it is a PolyEmbedder folder, else `<run.dir>/inputs` (`pipelines.train` writes it with
-    `vipoly.model.inputs.save_inputs` before training starts)."""
-    from pathlib import Path
-
-    return str(Path(cfg.model.backbone) if _is_polyembedder(cfg) else Path(cfg.run.dir) / "inputs")
-
-
-def _is_polyembedder(cfg: Config) -> bool:
-    """Whether the backbone is a PolyEmbedder folder (vipoly.json), not a plain Qwen2-VL checkpoint."""
-    from pathlib import Path
-
-    from vipoly.data.encode import META_FILE
-
-    return (Path(cfg.model.backbone) / META_FILE).is_file()
-
-
-def write_inputs(cfg: Config) -> str:
-    """`inputs_dir(cfg)`, first written there (`save_inputs`: tokenizer with the task tokens, image
-    processor, no weights) when the backbone is a plain Qwen2-VL checkpoint. What `pipelines.train`
-    and `python -m vipoly.data.encode` both call, so the pre-encoded copies match the training
-    run's tokenizer. A PolyEmbedder backbone folder is never written to."""
-    out = inputs_dir(cfg)
-    if not _is_polyembedder(cfg):
-        from vipoly.model.inputs import save_inputs
-
-        save_inputs(cfg.model, out)
-    return out
-
-
 class StreamFactory:
-    def __init__(self, cfg: Config):
+    """What the driver hands to every Ray Train worker: the config and the run's `Plan` (built
+    once from the footers, so every rank has the same step plan); each worker calls it with its
+    rank."""
+
+    def __init__(self, cfg: Config, plan=None):
+        from vipoly.data.stream import build_plan
+
         self.cfg = cfg.to_dict()
+        self.plan = plan if plan is not None else build_plan(cfg)
 
     def __call__(self, rank: int, world: int) -> TrainStream:
-        return TrainStream(Config.model_validate(self.cfg), rank, world)
+        return TrainStream(Config.model_validate(self.cfg), self.plan, rank, world)

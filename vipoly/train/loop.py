@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from vipoly.config import Config
+from vipoly.data.plan import PlanState
 from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
@@ -25,7 +26,8 @@ from vipoly.train.engine import build_engine
 from vipoly.train.monitor import Console, MetricsLog, Volatility, Wandb, pooling_entropy, weight_drift
 from vipoly.train.phases import dynamic_stw_active, is_checkpoint_step, phase_of
 from vipoly.train.report import write_report
-from vipoly.train.state import load_rank_state, save_rank_state, seed_everything, set_rng_state
+from vipoly.train.state import (load_all_data_positions, load_rank_state, load_run_state, save_rank_state,
+                                 save_run_state, seed_everything, set_rng_state)
 
 
 class Context:
@@ -95,13 +97,15 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     ckpt_dir = ctx.checkpoint_dir()
     if ckpt_dir is not None:
         engine.load(ckpt_dir)
-        state = torch.load(ckpt_dir / "state.pt", weights_only=False)
+        state = load_run_state(ckpt_dir)
         start, extra = state["step"], state.get("extra", {})
         weighter.load_state_dict(state["stw"])
         initial_proj = state.get("initial_proj", initial_proj)
+        # The data position is the same for every number of workers (vipoly.data.plan): merge what
+        # the ranks saved, whichever W saved it. RNG states are per rank: restored where one exists.
+        stream.load_state_dict(PlanState.merge(load_all_data_positions(ckpt_dir)).to_dict())
         rank_state = load_rank_state(ckpt_dir, ctx.rank)
         if rank_state is not None:
-            stream.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
         if ctx.rank == 0:
             print(f"resumed from step {start}", flush=True)
@@ -127,6 +131,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         loss_total, entropy, digest, bad = 0.0, 0.0, 0, False
         for _ in range(tcfg.grad_accum):
             batch = stream.next_batch()
+            data_counts = [batch.get("bad_rows", 0), batch.get("bytes_read", 0)]
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
                                 enabled=tcfg.bf16 and ctx.device.type == "cuda"):
                 out = engine.forward(**{k: v.to(ctx.device) for k, v in batch["inputs"].items()})
@@ -150,7 +155,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
 
         # Sum over workers: every rank then holds the same task losses and so computes the same λ.
         g = reduce_stats(DLEStats.from_tensor(stats_sum))
-        extras = all_sum(torch.tensor([loss_total, entropy, digest % 2**31], dtype=torch.float64,
+        extras = all_sum(torch.tensor([loss_total, entropy, digest % 2**31, *data_counts], dtype=torch.float64,
                                       device=ctx.device)).cpu()
         g_loss, g_entropy = extras[0].item() / ctx.world, extras[1].item() / ctx.world
         g_counts = g.task_count.cpu()
@@ -162,7 +167,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                            f"lower train.lr or check the data")
         else:
             bad_in_row = 0
-            weighter.observe(DLEStats.from_tensor(g.to_tensor().cpu()))
+            if dynamic_stw_active(step, tcfg):  # the first update sees only steps where updates apply
+                weighter.observe(DLEStats.from_tensor(g.to_tensor().cpu()))
         done = step + 1
         if dynamic_stw_active(step, tcfg) and weighter.due(done) and weighter.window_losses():
             weighter.update_from_window(epoch)
@@ -173,7 +179,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                    "samples_per_s": g_counts.sum().item() / max(1e-9, time.time() - t0),
                    "volatility": volatility(g_loss), "pooling_entropy": g_entropy,
                    "projection_drift": weight_drift(engine.module, initial_proj),
-                   "bad_steps_total": bad_total, "data_digest": int(extras[2].item()), **(norms or {})}
+                   "bad_steps_total": bad_total, "data_digest": int(extras[2].item()) % 2**31,  # (Σ_r d_r mod M) mod M: W-independent
+                   "bad_rows_total": int(extras[3].item()), "data_bytes_read": int(extras[4].item()), **(norms or {})}
             for i, t in enumerate(TASKS):
                 if t in task_mean:
                     row[f"loss/{t}"] = task_mean[t]
@@ -221,8 +228,7 @@ def _checkpoint(ctx, engine, weighter, stream, step, epoch, extra, initial_proj,
         engine.save(d, ctx.rank)
         save_rank_state(d, ctx.rank, stream.state_dict())
         if ctx.rank == 0:
-            torch.save({"step": step, "epoch": epoch, "stw": weighter.state_dict(), "extra": extra,
-                        "initial_proj": initial_proj}, d / "state.pt")
+            save_run_state(d, step, epoch, weighter.state_dict(), extra, initial_proj)
             if (run_dir / "metrics.jsonl").exists():
                 (d / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
             write_report(run_dir)
