@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"(no {xquad}: skipping the real-data suite)")
     rc = evaluate.main(["--model", str(out / "model"), *suites, "--out", str(out / "eval.json"),
-                        "--limit", "200", "--examples", "2", "--no-progress"])
+                        "--limit", "200", "--examples", "2", "--no-progress", "--card", str(out / "model")])
     if rc:
         return rc
 

@@ -1,8 +1,8 @@
-"""Batch embedding with Ray Data: Parquet / JSONL rows in, Parquet rows with embeddings out.
+"""Batch embedding with Ray Data: Parquet / JSONL rows in, Parquet rows (or a Lance dataset) with embeddings out.
 
     python -m pipelines.embed --model runs/demo/model --input docs.parquet images.jsonl --output runs/emb \\
         [--id-col id --text-col text --image-col image --task T --dim D] \\
-        [--num-actors 2 --num-gpus-per-actor 1 --batch-size 64]
+        [--num-actors 2 --num-gpus-per-actor 1 --batch-size 64] [--format parquet|lance]
 
 Stages (one Ray Data pipeline, streaming):
   read Parquet / JSONL lines, with the file of each row
@@ -12,6 +12,10 @@ Stages (one Ray Data pipeline, streaming):
   → embed (actor pool, --num-actors × --num-gpus-per-actor): each actor loads the PolyEmbedder once
     and runs the forward pass on padded batches
   → write Parquet: id, embedding (fixed_size_list<float32>[dim]), model, dim.
+    With --format lance: a Lance dataset OUTPUT/embeddings.lance (written by Ray Data) with id,
+    vector (fixed_size_list<float32>[dim]), text, image (a reference: the image's path, or
+    "FILE#id=ID" for image bytes stored in an input file), model, dim — what `pipelines.index` and
+    LanceDB read directly. Each run's rows are committed in one Lance transaction at its end.
 
 Guarantees: one output row per input id. Re-running the same command skips ids already in the
 output directory (resumable: a file left half-written by a killed run is set aside and its ids are
@@ -38,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+LANCE = "embeddings.lance"  # the Lance dataset inside OUTPUT (--format lance)
 ERRORS = "_errors.jsonl"  # "_" prefix: Parquet readers skip it, so OUTPUT reads as one dataset
 SIDE_DIR = "_job"  # per-task side files (bad rows, counts) merged by the driver at the end
 SET_ASIDE = "_incomplete"  # unreadable output files from a killed run
@@ -159,6 +164,36 @@ def existing_ids(out_dir: Path) -> pa.Array:
     return pa.concat_arrays(ids) if ids else pa.array([], pa.string())
 
 
+def lance_ids(dataset: Path) -> pa.Array:
+    """Ids already in a Lance output. A killed run never committed its fragments, so they are not
+    visible here and their ids are embedded again."""
+    import lance
+
+    if not (dataset / "_versions").is_dir():
+        return pa.array([], pa.string())
+    return lance.dataset(str(dataset)).to_table(columns=["id"]).column("id").combine_chunks()
+
+
+def drop_lance_duplicates(dataset: Path) -> list[str]:
+    """As `drop_duplicates` for a Lance output: keep each id's first row (lowest row id: earlier
+    runs and earlier fragments first), delete the others, return the dropped ids."""
+    import lance
+
+    ds = lance.dataset(str(dataset))
+    t = ds.to_table(columns=["id"], with_row_id=True)
+    ids, rowids = t.column("id").to_pylist(), t.column("_rowid").to_pylist()
+    first: dict[str, int] = {}
+    extra: list[tuple[int, str]] = []
+    for i, r in sorted(zip(ids, rowids), key=lambda x: x[1]):
+        if i in first:
+            extra.append((r, i))
+        else:
+            first[i] = r
+    if extra:
+        ds.delete(f"_rowid IN ({', '.join(str(r) for r, _ in extra)})")
+    return [i for _, i in extra]
+
+
 # ------------------------------------------------------------------ stage 1: normalize (light CPU tasks)
 RAW = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("image_path", pa.string()),
                  ("file", pa.string())])
@@ -234,6 +269,8 @@ def _side(side_dir: str, record: dict) -> None:
 PREPARED = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int64())),
                       ("mm_token_type_ids", pa.list_(pa.int32())), ("pixel_values", pa.list_(pa.float32())),
                       ("pixel_dim", pa.int32()), ("image_grid_thw", pa.list_(pa.int64()))])
+# --format lance carries the source text and an image reference through to the output
+PREPARED_SOURCE = PREPARED.append(pa.field("text", pa.string())).append(pa.field("image_ref", pa.string()))
 
 
 class Prepare:
@@ -243,16 +280,17 @@ class Prepare:
     An actor rather than a task: the tokenizer and image processor load once, and torch is imported
     by a few long-lived processes instead of one per task."""
 
-    def __init__(self, model_dir: str, overrides: dict, task: str | None, side_dir: str):
+    def __init__(self, model_dir: str, overrides: dict, task: str | None, side_dir: str, keep_source: bool = False):
         from vipoly.eval.loading import effective_model_config
         from vipoly.model import InputBuilder
         from vipoly.model.backbone import load_processor
 
         self.builder = InputBuilder(load_processor(model_dir), effective_model_config(model_dir, overrides))
         self.task, self.side_dir = task, side_dir
+        self.schema = PREPARED_SOURCE if keep_source else PREPARED
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        good: dict[str, list] = {name: [] for name in PREPARED.names}
+        good: dict[str, list] = {name: [] for name in self.schema.names}
         bad = []
         for r in batch.to_pylist():
             text = r["text"] if r["text"] and r["text"].strip() else None
@@ -273,9 +311,12 @@ class Prepare:
             good["pixel_values"].append(None if pixels is None else pixels.reshape(-1))
             good["pixel_dim"].append(None if pixels is None else pixels.shape[-1])
             good["image_grid_thw"].append(None if pixels is None else row["image_grid_thw"].reshape(-1))
+            if self.schema is PREPARED_SOURCE:
+                good["text"].append(text)
+                good["image_ref"].append(r["image_path"] or (f"{r['file']}#id={r['id']}" if r["image"] else None))
         if bad:
             _side(self.side_dir, {"rows_in": 0, "skipped": 0, "bad": bad})
-        return pa.table(good, schema=PREPARED)
+        return pa.table(good, schema=self.schema)
 
 
 def _decode(image):
@@ -335,10 +376,13 @@ class Embedder:
             autocast = getattr(model, "_inference_autocast", contextlib.nullcontext)
             with torch.no_grad(), autocast():
                 emb[:] = matryoshka(model(**inputs).embedding, self.dim).float().cpu().numpy()
-        return pa.table({"id": batch.column("id"),
-                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.dim),
-                         "model": pa.array([self.name] * len(rows), pa.string()),
-                         "dim": pa.array([self.dim] * len(rows), pa.int32())})
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.dim)
+        meta = {"model": pa.array([self.name] * len(rows), pa.string()),
+                "dim": pa.array([self.dim] * len(rows), pa.int32())}
+        if "text" in batch.column_names:  # --format lance: LanceDB's column names, with the source
+            return pa.table({"id": batch.column("id"), "vector": vectors, "text": batch.column("text"),
+                             "image": batch.column("image_ref"), **meta})
+        return pa.table({"id": batch.column("id"), "embedding": vectors, **meta})
 
 
 # ------------------------------------------------------------------ driver
@@ -348,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.embed", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="PolyEmbedder directory (save_pretrained output)")
     p.add_argument("--input", nargs="+", required=True, help="Parquet / JSONL files or folders of them")
-    p.add_argument("--output", required=True, help="output folder (Parquet parts + _errors.jsonl)")
+    p.add_argument("--output", required=True, help="output folder (Parquet parts or embeddings.lance, + _errors.jsonl)")
+    p.add_argument("--format", choices=("parquet", "lance"), default="parquet",
+                   help="parquet (default): id, embedding, model, dim; lance: a Lance dataset OUTPUT/embeddings.lance "
+                        "with id, vector, text, image (a reference), model, dim")
     p.add_argument("--id-col", default="id")
     p.add_argument("--text-col", default=None, help="text column (default: text, optional if an image column exists)")
     p.add_argument("--image-col", default=None, help="image column, bytes or a path (default: image, optional)")
@@ -393,8 +440,13 @@ def run(args: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     side_dir = out_dir / SIDE_DIR
     shutil.rmtree(side_dir, ignore_errors=True)  # a killed run's side files describe work redone now
-    done = existing_ids(out_dir)
-    before = {f.name for f in output_files(out_dir)}
+    lance_out = out_dir / LANCE if args.format == "lance" else None
+    if lance_out is not None:
+        done = lance_ids(lance_out)
+        before_rows = len(done)
+    else:
+        done = existing_ids(out_dir)
+        before = {f.name for f in output_files(out_dir)}
 
     import ray  # --- Ray from here on
 
@@ -429,7 +481,7 @@ def run(args: argparse.Namespace) -> dict:
     ds = ds.repartition(target_num_rows_per_block=8 * args.batch_size)
     ds = ds.map_batches(
         Prepare, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=args.prepare_cpus,
-        fn_constructor_args=(str(model_dir.resolve()), overrides, args.task, str(side_dir)),
+        fn_constructor_args=(str(model_dir.resolve()), overrides, args.task, str(side_dir), lance_out is not None),
         compute=ray.data.ActorPoolStrategy(size=args.num_preparers))
     threads = max(1, int(round(args.cpus_per_actor)))
     ds = ds.map_batches(
@@ -438,17 +490,34 @@ def run(args: argparse.Namespace) -> dict:
         compute=ray.data.ActorPoolStrategy(size=args.num_actors),
         num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor)
     t0 = time.perf_counter()
-    ds.write_parquet(str(out_dir), concurrency=args.read_tasks, ray_remote_args={"num_cpus": args.prepare_cpus})
+    if lance_out is not None:
+        from ray.data import SaveMode
+
+        from vipoly.search.lance_sink import LanceSink, ray_write_lance_works
+
+        append = (lance_out / "_versions").is_dir()
+        if ray_write_lance_works():
+            ds.write_lance(str(lance_out), mode=SaveMode.APPEND if append else SaveMode.CREATE,
+                           concurrency=args.read_tasks, ray_remote_args={"num_cpus": args.prepare_cpus})
+        else:  # Ray 2.60's Lance sink and released pylance disagree: see vipoly/search/lance_sink.py
+            ds.write_datasink(LanceSink(str(lance_out), append), concurrency=args.read_tasks,
+                              ray_remote_args={"num_cpus": args.prepare_cpus})
+    else:
+        ds.write_parquet(str(out_dir), concurrency=args.read_tasks, ray_remote_args={"num_cpus": args.prepare_cpus})
     seconds = time.perf_counter() - t0
 
-    new_files = [f for f in output_files(out_dir) if f.name not in before]
     stats = _merge_side_files(side_dir)
-    dups = drop_duplicates(new_files)
+    if lance_out is not None:
+        dups = drop_lance_duplicates(lance_out) if (lance_out / "_versions").is_dir() else []
+        embedded = len(lance_ids(lance_out)) - before_rows
+    else:
+        new_files = [f for f in output_files(out_dir) if f.name not in before]
+        dups = drop_duplicates(new_files)
+        embedded = sum(pq.read_metadata(f).num_rows for f in new_files)
     errors = stats["bad"] + [{"id": i, "file": None, "reason": "duplicate id in the input (embedded once)"} for i in dups]
     with open(out_dir / ERRORS, "w", encoding="utf-8") as f:
         for e in errors:
             f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    embedded = sum(pq.read_metadata(f).num_rows for f in new_files)
     summary = {"rows_in": stats["rows_in"], "skipped": stats["skipped"], "embedded": embedded, "errors": len(errors),
                "seconds": seconds, "rows_per_s": embedded / seconds if seconds > 0 else 0.0, "output": str(out_dir)}
     print(f"[embed] {embedded} rows embedded in {seconds:.1f}s ({summary['rows_per_s']:.1f} rows/s); "

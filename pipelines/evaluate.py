@@ -8,6 +8,8 @@
 
 Writes FILE (.json) and FILE with .md; with --examples K also FILE with .examples.md and, for image
 inputs met by a suite or given by --image, pooling heat maps FILE stem + `.attention-*.png`.
+With --card MODEL_DIR the model card (MODEL_DIR/README.md) gets this run's tables, BM25 rows
+included, as its evaluation section (replacing the one there; a folder without a card gets one).
 Runs in one process (no Ray): evaluation sets are small, and `pipelines.embed` is the scalable path.
 """
 from __future__ import annotations
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--card", metavar="MODEL_DIR", default=None,
+                   help="write the results into MODEL_DIR/README.md (the model card's evaluation section)")
     add_config_args(p)  # model.{attn_implementation,dtype,max_length,image_*_pixels} apply; see vipoly.eval.loading
     return p
 
@@ -57,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = inference_overrides(config_from_args(args))
     except (ValueError, ConfigError) as e:
         raise SystemExit(str(e)) from None
+    if args.card is not None:
+        try:
+            check_card_target(Path(args.card))
+        except ValueError as e:
+            raise SystemExit(f"--card: {e}") from None
     try:
         suites = [parse_suite(s) for s in args.suite]  # bad specs and missing files fail before loading
     except ValueError as e:
@@ -98,7 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[evaluate] examples: {ex_path}" + (f", heat maps: {', '.join(p.name for p in pngs)}" if pngs else ""),
               file=sys.stderr)
     print(f"[evaluate] wrote {json_path} and {md_path}", file=sys.stderr)
+    if args.card is not None:
+        from vipoly.model.card import evaluation_markdown, set_evaluation
+
+        card = set_evaluation(args.card, evaluation_markdown(results, meta))
+        print(f"[evaluate] model card: {card}", file=sys.stderr)
     return 0
+
+
+def check_card_target(model_dir: Path) -> None:
+    """--card's folder must be a saved model whose README.md, if any, is a model card we can edit:
+    checked before any model work, so a typo does not cost an evaluation run."""
+    from vipoly.model.card import CARD_FILE, check_card
+    from vipoly.model.inputs import META_FILE
+
+    if not (model_dir / META_FILE).is_file():
+        raise ValueError(f"{model_dir}: not a saved PolyEmbedder (no {META_FILE})")
+    if (model_dir / CARD_FILE).is_file():
+        check_card(model_dir / CARD_FILE)
 
 
 if __name__ == "__main__":

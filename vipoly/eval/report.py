@@ -22,6 +22,15 @@ def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
         if meta.get(k) is not None:
             lines.append(f"- {k}: {meta[k]}")
     lines.append("")
+    lines += tables(results, "##")
+    lines.append(BM25_NOTE)
+    return "\n".join(lines) + "\n"
+
+
+def tables(results: Sequence[Result], heading: str = "##") -> list[str]:
+    """One Markdown table per suite kind (a `heading` title each), every system a row, notes below;
+    also what the model card's evaluation section shows."""
+    lines: list[str] = []
     kinds: dict[str, list[Result]] = {}
     for r in results:
         kinds.setdefault(r.kind, []).append(r)
@@ -30,7 +39,7 @@ def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
         for r in rows:
             for m in r.metrics.values():
                 metric_names += [n for n in m if n not in metric_names]
-        lines += [f"## {kind}", "",
+        lines += [f"{heading} {kind}", "",
                   "| suite | system | queries | corpus | " + " | ".join(metric_names) + " |",
                   "|---|---|---:|---:|" + "---:|" * len(metric_names)]
         for r in rows:
@@ -39,8 +48,7 @@ def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
                 lines.append(f"| {r.name} | {system} | {r.n_queries} | {r.corpus_size} | " + " | ".join(cells) + " |")
         notes = [f"- {r.name}: {r.notes}" for r in rows if r.notes]
         lines += [""] + notes + ([""] if notes else [])
-    lines.append(BM25_NOTE)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(results: Sequence[Result], out: str | Path, meta: dict[str, Any]) -> tuple[Path, Path]:

@@ -9,6 +9,8 @@ A saved PolyEmbedder is a self-contained folder:
     model.safetensors       backbone weights (sharded `model-*.safetensors` for large models)
     heads.safetensors       pooling + projection weights, float32
     tokenizer*.json, preprocessor_config.json
+    modules.json, config_sentence_transformers.json   the same folder as a sentence-transformers
+                            model (vipoly.st); a training run's export adds README.md, the model card
 
 No pickles anywhere. The backbone half is an ordinary Qwen2-VL folder, so `Qwen2VLModel
 .from_pretrained(dir)` also reads it.
@@ -26,17 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Qwen2VLModel
 
 from vipoly.config import ModelConfig
 from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
-from vipoly.model.inputs import META_FILE, InputBuilder, decode_image
+from vipoly.model.inputs import META_FILE, InputBuilder, apply_explicit, decode_image, is_polyembedder_dir
 from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, unpack, varlen_implementations
 from vipoly.model.pooling import build_pooling
 from vipoly.model.projection import ProjectionHead, matryoshka
+from vipoly.st import write_st_files
 from vipoly.tasks import TASKS, check_task, prefix
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,6 @@ def component_of(param_name: str) -> str:
     if name.startswith("backbone."):
         return "language"
     raise ValueError(f"parameter {param_name!r} belongs to no PolyEmbedder component")
-
-
-def is_polyembedder_dir(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file()
 
 
 class PolyEmbedder(nn.Module):
@@ -306,7 +304,7 @@ class PolyEmbedder(nn.Module):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{model_dir / META_FILE}: format {meta.get('format')!r}, this code reads {FORMAT}")
         saved = ModelConfig.model_validate(meta["model"])
-        cfg = _apply_explicit(saved, model_cfg) if model_cfg is not None else saved
+        cfg = apply_explicit(saved, model_cfg) if model_cfg is not None else saved
         backbone = load_backbone(model_dir, cfg.attn_implementation, cfg.dtype)
         model = cls(backbone, load_processor(model_dir), cfg, name=meta.get("name", model_dir.name))
         heads = load_file(str(model_dir / HEADS_FILE))
@@ -320,8 +318,9 @@ class PolyEmbedder(nn.Module):
             model.enable_gradient_checkpointing()
         return model.to(device) if device is not None else model
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the self-contained folder described in the module docstring; returns it."""
+    def save_pretrained(self, out_dir: str | Path, default_task: str | None = None) -> Path:
+        """Write the self-contained folder described in the module docstring; returns it.
+        default_task: the sentence-transformers default prompt (None: no prefix, as `encode`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with quiet_progress():
@@ -333,6 +332,7 @@ class PolyEmbedder(nn.Module):
         meta = {"format": FORMAT, "name": self.name, "model": self.cfg.model_dump(mode="json"),
                 "hidden_size": self.hidden_size, "embedding_dim": self.embedding_dim}
         (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        write_st_files(out, default_task)
         return out
 
 
@@ -348,28 +348,6 @@ def _check_processor_matches(processor, backbone: Qwen2VLModel) -> None:
     if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"tokenizer has {len(processor.tokenizer)} tokens, the backbone embeds only "
                          f"{backbone.get_input_embeddings().weight.shape[0]}")
-
-
-def _explicit(cfg: BaseModel) -> dict[str, Any]:
-    """The fields of a pydantic model that were set explicitly, nested sections recursively."""
-    out: dict[str, Any] = {}
-    for name in cfg.model_fields_set:
-        value = getattr(cfg, name)
-        out[name] = _explicit(value) if isinstance(value, BaseModel) else value
-    return out
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for k, v in update.items():
-        merged[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return merged
-
-
-def _apply_explicit(saved: ModelConfig, given: ModelConfig) -> ModelConfig:
-    update = _explicit(given)
-    update.pop("backbone", None)  # the saved provenance stays; the weights come from the folder
-    return ModelConfig.model_validate(_merge(saved.model_dump(), update))
 
 
 def _one_image(x: Any) -> bool:

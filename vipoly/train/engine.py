@@ -77,13 +77,17 @@ class DDPEngine:
 
         src = PolyEmbedder.from_pretrained(ckpt_dir / "model")
         self.module.load_state_dict(src.state_dict())
-        opt = torch.load(ckpt_dir / "optimizer.pt", weights_only=False)
+        opt = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 
     def export(self, out_dir: Path, rank: int) -> None:
         if rank == 0:
-            self.module.save_pretrained(out_dir)
+            from vipoly.model.card import write_run_card
+            from vipoly.st import default_task
+
+            self.module.save_pretrained(out_dir, default_task=default_task(self.cfg))  # + sentence-transformers files
+            write_run_card(out_dir, self.cfg, self.module.device)  # README.md, the model card
 
 
 class DeepSpeedEngine(DDPEngine):
@@ -147,7 +151,11 @@ class DeepSpeedEngine(DDPEngine):
                   if self.cfg.train.strategy == Strategy.ZERO3 else contextlib.nullcontext())
         with gather:
             if rank == 0:
-                self.module.save_pretrained(out_dir)
+                from vipoly.model.card import write_run_card
+                from vipoly.st import default_task
+
+                self.module.save_pretrained(out_dir, default_task=default_task(self.cfg))
+                write_run_card(out_dir, self.cfg, self.module.device)
 
 
 def build_engine(model, cfg: Config, total_steps: int, device: torch.device) -> DDPEngine:
