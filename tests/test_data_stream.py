@@ -362,6 +362,10 @@ def test_a_text_row_without_content_is_replaced_too(prepared, tiny_model_dir, tm
     assert [r["id"] for r in records] == [bad_id, bad_id] and "query_text and query_images" in records[0]["reason"]
     ids = [r["id"] for c in got for r in c]
     assert bad_id not in ids and len(ids) == 40 and streams[0].bad_rows == 2
+    _, position, _ = chunks(plan_of(tmp_path, {"instr": 1}, batch=4, partitions=2, shuffle=4), 2, tiny_model_dir, 10)
+    resumed = PlannedStream(plan_of(tmp_path, {"instr": 1}, batch=4, partitions=2, shuffle=4), 0, 1, tiny_model_dir,
+                            state=PlanState.merge(position).to_dict())
+    assert resumed.bad_rows == 2  # the count comes back with the position, whatever the number of workers
 
 
 def test_memory_does_not_grow_with_the_shuffle_buffer_beyond_raw_bytes(tmp_path, tiny_model_dir):

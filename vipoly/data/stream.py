@@ -106,7 +106,10 @@ class PlannedStream:
         self.read_ahead = max(1, read_ahead)
         self.quarantine = Path(quarantine) if quarantine else None
         self.counter = [0]
-        self.bad_rows = 0
+        mine = {str(p) for p in plan.lane_of[self.positions.start:self.positions.stop].tolist()}
+        # bad rows so far = replacements made by this worker's lanes (saved with the position, so
+        # the count survives a resume, on any number of workers)
+        self.bad_rows = sum(r for lanes in self.back.values() for p, r in lanes.items() if p in mine)
         self._cursors: dict[tuple[int, int], LaneCursor] = {}
         self._inflight: deque[_Chunk] = deque()
         self._position = self.selection.to_dict()
