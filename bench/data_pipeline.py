@@ -1,6 +1,6 @@
 """Data pipeline throughput: read → mix → decode/encode → collate, against the raw Parquet read.
 
-    python bench/data_pipeline.py [--n-text 64000] [--n-image 1000] [--batch 32]
+    python bench/data_pipeline.py [--n-text 128000] [--n-image 1000] [--batch 32] [--repeat 3]
 
 On synthetic shards (written to a temporary folder) and the tiny model's processor:
   raw read        Ray Data read_parquet → iter_rows over the same shards (the baseline)
@@ -9,7 +9,10 @@ On synthetic shards (written to a temporary folder) and the tiny model's process
                   processor in Ray tasks — and collation into padded batches), one worker
   pre-encoded     text only: the same, reading the copies `python -m vipoly.data.encode` writes
                   (tokenised once per data set and tokenizer) instead of tokenising as it streams
-for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi); and the ratio
+for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi), each source
+holding its share of n / PASS rows: the stream draws 95% of one pass, so both paths read about the
+same rows (windows are read whole; sources twice the size, as before, had the stream read twice
+the rows it delivered in so short a run); and the ratio
 Ray's own `Dataset.mix` achieves (whole blocks) against the scheduler's, over windows of 64
 samples. Prints every number, and the ratios. (bench/data_scale.py measures the plan, resume,
 bytes and memory at the reference run's scale.)
@@ -17,13 +20,24 @@ bytes and memory at the reference run's scale.)
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+PASS = 0.95  # share of one pass over the sources the stream draws
+
+
+def best(measure, repeat: int) -> tuple[int, float, float]:
+    """The fastest of `repeat` runs of `measure()` → (n, seconds, seconds to the first item): on a
+    shared 2-core machine one run of either path can lose a third of its rate to a neighbour."""
+    return min((measure() for _ in range(max(1, repeat))), key=lambda r: r[1] / max(r[0], 1))
 
 
 def rate(n: int, seconds: float) -> float:
@@ -129,10 +143,12 @@ def decode_rate(model_dir, side: int = 448, n: int = 200) -> float:
     return n / (time.perf_counter() - t)
 
 
-def line(label: str, n: int, total: float, first: float, base: float | None = None) -> str:
+def line(label: str, n: int, total: float, first: float, base: float | None = None,
+         blocks: float | None = None) -> str:
     r = rate(n, total)
     steady = rate(n, total - first) if total > first else float("inf")
     ratio = f"  {r / base:7.1%} of raw" if base else ""
+    ratio += f" ({r / blocks:.1%} of the Arrow-block read)" if blocks else ""
     return f"  {label:<40} {r:8.0f} samples/s{ratio}   (steady {steady:8.0f}/s; first after {first:5.1f} s; n={n})"
 
 
@@ -162,9 +178,10 @@ def ray_mix_ratio(files: dict[str, list[str]], weights: dict[str, float], window
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-text", type=int, default=64000, help="samples drawn from the text mix (enough to reach the steady rate)")
+    p.add_argument("--n-text", type=int, default=128000, help="samples drawn from the text mix (enough to reach the steady rate)")
     p.add_argument("--n-image", type=int, default=1000, help="samples drawn from the image mix")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each text measurement; the fastest is printed")
     args = p.parse_args(argv)
 
     import ray
@@ -186,27 +203,32 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; ray {ray.__version__}")
 
     t = time.perf_counter()
-    # every source large enough that no source wraps around during the measurement
-    write_synthetic(tmp / "text", n=2 * args.n_text, seed=0, tasks=("text_pair", "instr"), rows_per_file=16384)
-    write_synthetic(tmp / "image", n=2 * args.n_image, seed=0, tasks=("ocr", "vqa_single", "vqa_multi"),
-                    rows_per_file=512)
+    text_mix = {"text_pair": 0.9, "instr": 0.1}
+    image_mix = {"ocr": 0.4, "vqa_single": 0.3, "vqa_multi": 0.3}
+    # Each source holds its share of the mix of rows and the stream draws PASS of one pass: both
+    # paths read (about) the same rows, and no lane of the stream wraps around into a second pass.
+    for kind, mix, n, per_file in (("text", text_mix, args.n_text, 16384), ("image", image_mix, args.n_image, 512)):
+        for task, share in mix.items():
+            write_synthetic(tmp / "parts" / task, n=math.ceil(n / PASS * share), seed=0, tasks=(task,),
+                            rows_per_file=per_file)
+            shutil.move(str(tmp / "parts" / task / task), str(tmp / kind / task))
     model_dir = build_tiny(tmp / "tiny", seed=0)
     print(f"setup (synthetic shards + tiny model): {time.perf_counter() - t:.1f} s")
     collate = PairCollate(model_dir)
 
-    for kind, mix, n in (("text", {"text_pair": 0.9, "instr": 0.1}, args.n_text),
-                         ("image", {"ocr": 0.4, "vqa_single": 0.3, "vqa_multi": 0.3}, args.n_image)):
+    for kind, mix, n in (("text", text_mix, args.n_text), ("image", image_mix, args.n_image)):
         root = tmp / kind
         files = task_sources(root)
         raw_read(files)  # warm the workers
-        n_raw, s_raw, f_raw = raw_read(files)
-        n_blk, s_blk, f_blk = raw_read(files, blocks=True)
+        n_raw, s_raw, f_raw = best(lambda: raw_read(files), args.repeat)
+        n_blk, s_blk, f_blk = best(lambda: raw_read(files, blocks=True), args.repeat)
         base = rate(n_raw, s_raw)
         data = DataConfig(root=str(root), mix=mix, shuffle_buffer=256)
         print(f"\n[{kind}] mix {mix}, batch {args.batch}")
         print(line("raw read (read_parquet → rows)", n_raw, s_raw, f_raw))
         print(line("raw read (read_parquet → Arrow blocks)", n_blk, s_blk, f_blk, base))
-        print(line("read → mix → decode/encode → collate", *stream_rate(data, model_dir, n, args.batch, collate), base))
+        print(line("read → mix → decode/encode → collate",
+                   *best(lambda: stream_rate(data, model_dir, n, args.batch, collate), args.repeat), base))
         print(line("encode + collate alone, 1 process", *encode_in_process(files, model_dir, min(n, 1000), args.batch),
                    base))
         if kind == "text":  # pre-encoded text: tokenised once (python -m vipoly.data.encode), then read
@@ -214,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  pre-encoding (once per data set and tokenizer): {rows} rows in {seconds:.1f} s "
                   f"= {rate(rows, seconds):.0f} rows/s")
             print(line("read pre-encoded → mix → collate",
-                       *stream_rate(data, model_dir, n, args.batch, collate, encoded=True), base))
+                       *best(lambda: stream_rate(data, model_dir, n, args.batch, collate, encoded=True), args.repeat),
+                       base, blocks=rate(n_blk, s_blk)))
 
     per_core = decode_rate(model_dir)
     print(f"\n[decode] 448² JPEG → Qwen2-VL patches on one core: {per_core:.1f} images/s "

@@ -72,6 +72,8 @@ def test_every_world_trains_on_the_same_samples(prepared, tiny_model_dir):
     mix = {"text_pair": 2, "ocr": 1, "vqa_multi": 1}
     plan = plan_of(prepared, mix)
     one, pos1, _ = chunks(plan, 1, tiny_model_dir, 12)
+    single, _, _ = chunks(plan, 1, tiny_model_dir, 12, group_samples=1)  # selected a chunk at a time
+    assert [[r["id"] for r in c] for c in single] == [[r["id"] for r in c] for c in one]
     for world in (2, 4):
         other, pos, _ = chunks(plan, world, tiny_model_dir, 12)
         assert [[r["id"] for r in c] for c in other] == [[r["id"] for r in c] for c in one], world
@@ -118,8 +120,9 @@ def test_each_worker_reads_its_share(tmp_path, tiny_model_dir):
                for m in metas for g in range(m.num_row_groups) for c in range(m.num_columns))
     plan = plan_of(tmp_path, {"instr": 1}, batch=24, partitions=4, shuffle=96)  # 600-row lane slices
     for world in (1, 2, 4):
-        _, _, streams = chunks(plan, world, tiny_model_dir, n // 24 - 1, read_ahead=1)  # one pass: the last
-        # chunk is selected (read) ahead of the one handed out
+        # one pass, selected a chunk at a time: the last chunk is selected (read) ahead of the one
+        # handed out (by default a stream selects 512 samples ahead, a fifth of this small source)
+        _, _, streams = chunks(plan, world, tiny_model_dir, n // 24 - 1, read_ahead=1, group_samples=1)
         read = [s.bytes_read for s in streams]
         assert max(read) < 1.15 * size / world, (world, read, size)  # + a row group where a slice starts
         assert min(read) > 0.85 * size / world, (world, read, size)

@@ -24,7 +24,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from vipoly.data.encode import ENCODED_KEYS, SIDES, BlockRow, load_builder, row_handles
 from vipoly.tasks import TASK_INDEX
 
-__all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "load_builder", "pair_labels", "sides"]
+__all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "load_builder", "pad_sides", "pair_labels", "sides"]
 
 
 _SIDE_KEYS = {side: [(k, f"{side}_{k}") for k in ENCODED_KEYS] for side in SIDES}
@@ -41,12 +41,15 @@ def pair_labels(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     float32 with NaN = no score, lang and id lists."""
     if not rows:
         raise ValueError("collate_pairs: no rows")
-    if all(type(r) is BlockRow for r in rows):  # straight from the blocks' columns
-        tasks, scores = [r.block.task[r.i] for r in rows], [r.block.score[r.i] for r in rows]
-        lang, ids = [r.block.lang[r.i] for r in rows], [r.block.id[r.i] for r in rows]
-    else:
-        tasks, lang, ids = [r["task"] for r in rows], [r["lang"] for r in rows], [r["id"] for r in rows]
-        scores = [math.nan if r.get("score") is None else r["score"] for r in rows]
+    if all(type(r) is BlockRow for r in rows):  # straight from the blocks' columns (str lists)
+        return {
+            "task_ids": torch.tensor([r.block.task_index[r.i] for r in rows], dtype=torch.int64),
+            "scores": torch.from_numpy(np.array([r.block.score[r.i] for r in rows], dtype=np.float32)),
+            "lang": [r.block.lang[r.i] for r in rows],
+            "id": [r.block.id[r.i] for r in rows],
+        }
+    tasks, lang, ids = [r["task"] for r in rows], [r["lang"] for r in rows], [r["id"] for r in rows]
+    scores = [math.nan if r.get("score") is None else r["score"] for r in rows]
     return {
         "task_ids": torch.from_numpy(np.fromiter((TASK_INDEX[str(t)] for t in tasks), np.int64, len(rows))),
         "scores": torch.from_numpy(np.asarray(scores, dtype=np.float32)),
@@ -60,10 +63,37 @@ def sides(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [_side(r, s) for s in SIDES for r in rows]
 
 
+def _text_ids(rows: list[Mapping[str, Any]], names: tuple[str, ...]) -> list[np.ndarray] | None:
+    """input_ids of sides `names` of every row, in that order, straight from the blocks' offsets,
+    when every row is a `BlockRow` and none of these sides has an image (all `pad` needs then;
+    the views cost a third of whole side dicts); else None."""
+    blocks = {}
+    for r in rows:
+        if type(r) is not BlockRow:
+            return None
+        blocks[id(r.block)] = r.block
+    if any(b.has_images[name] for b in blocks.values() for name in names):
+        return None
+    ids = []
+    for name in names:
+        for b in blocks.values():
+            b.token_views(name)
+        ids += [r.block.views[name][r.i] for r in rows]
+    return ids
+
+
+def pad_sides(rows: list[Mapping[str, Any]], builder, names: tuple[str, ...] = tuple(SIDES)) -> dict[str, Any]:
+    """`builder.pad` of sides `names` of the rows (queries, then positives)."""
+    ids = _text_ids(rows, names)
+    if ids is not None:
+        return builder.pad_ids(ids)
+    return builder.pad([_side(r, s) for s in names for r in rows])
+
+
 def collate_pairs(rows: list[Mapping[str, Any]], builder) -> dict[str, Any]:
     """Encoded rows → {query, pos: padded tensors} and `pair_labels`."""
     labels = pair_labels(rows)
-    query, pos = (builder.pad([_side(r, side) for r in rows]) for side in SIDES)
+    query, pos = (pad_sides(rows, builder, (side,)) for side in SIDES)
     return {"query": query, "pos": pos, **labels}
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vipoly.tasks import TASKS, prefix
+from vipoly.tasks import TASK_INDEX, TASKS, prefix
 
 SIDES = {"q": ("query_text", "query_images"), "p": ("pos_text", "pos_images")}
 ENCODED_KEYS = ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -223,6 +223,26 @@ class EncodedBlock:
         self.score = table.column("score").to_numpy()
         self.lists = {f"{side}_{k}": ListColumn(table.column(f"{side}_{k}")) for side in SIDES for k in ENCODED_KEYS}
         self.has_images = {side: len(self.lists[f"{side}_image_grid_thw"].values) > 0 for side in SIDES}
+        self.views: dict[str, list[np.ndarray]] = {}  # side → its input_ids view per row (`token_views`)
+        self._task_index: list[int] | None = None
+
+    @property
+    def task_index(self) -> list[int]:
+        """Each row's task as its index in TASKS (what a batch's task_ids hold)."""
+        if self._task_index is None:
+            self._task_index = [TASK_INDEX[str(t)] for t in self.task]
+        return self._task_index
+
+    def token_views(self, side: str) -> list[np.ndarray]:
+        """Every row's input_ids of one side as numpy views, made once per block (the rows of a
+        window are all used, sooner or later): a view per row in one loop costs a fraction of
+        slicing row by row in the collate."""
+        views = self.views.get(side)
+        if views is None:
+            col = self.lists[f"{side}_input_ids"]
+            values, offsets = col.values, col.offsets
+            views = self.views[side] = [values[a:b] for a, b in zip(offsets, offsets[1:])]
+        return views
 
     def rows(self) -> list["BlockRow"]:
         return [BlockRow(self, i) for i in range(self.num_rows)]

@@ -308,7 +308,15 @@ class Plan:
         return self._period[(step + np.arange(self.chunk)) % D]
 
     def advance(self, state: PlanState, positions: range | None = None) -> list[Address]:
-        """Move `state` past its next chunk; return the addresses of `positions` (none when None).
+        """Move `state` past its next chunk; return the addresses of `positions` (none when None)."""
+        if positions is None:
+            self.advance_arrays(state, range(0))
+            return []
+        source, lane, j = self.advance_arrays(state, positions)
+        return [Address(*t) for t in zip(source.tolist(), lane.tolist(), j.tolist())]
+
+    def advance_arrays(self, state: PlanState, positions: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`advance` as arrays over `positions`: (source index, lane, the lane's sample number).
         Vectorised: a chunk of the reference run has 48 positions, the 11M-row bench's thousands."""
         labels = self.chunk_sources(state.chunk, state.taken)
         L = self.partitions
@@ -322,9 +330,8 @@ class Plan:
         fronts += np.bincount(keys, minlength=fronts.size)
         state.front = {k: fronts[i * L:(i + 1) * L].tolist() for i, k in enumerate(self.names)}
         state.chunk += 1
-        if positions is None:
-            return []
-        return [Address(int(labels[i]), int(self.lane_of[i]), int(j[i])) for i in positions]
+        mine = slice(positions.start, positions.stop)
+        return labels[mine], self.lane_of[mine], j[mine]
 
     # -- rows
     def lane_epoch(self, name: str, lane: int, j: int) -> tuple[int, int]:

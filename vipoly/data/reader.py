@@ -3,16 +3,18 @@
 - `open_file(path)`: local paths, `file://`, and any URI pyarrow knows (`s3://`, `gs://`, `hdfs://`),
   else through fsspec (which `datasets` brings) wrapped as a pyarrow filesystem.
 - `RowReader.read(path, start, stop)`: rows [start, stop) of a file. It reads only the row groups
-  that hold them, streaming page by page (`pre_buffer=False`, a read buffer), and keeps its scan
-  open, so a range that continues the previous one reads on instead of starting the row group
-  again: a lane reading its slice block by block reads each row group once.
+  that hold them, in one scan, streaming page by page (`pre_buffer=False`, a read buffer), and
+  keeps the scan open, so a range that continues the previous one reads on instead of starting
+  the row group again: a lane reading its slice window by window reads each row group once.
 - `LaneCursor`: one lane of one source (vipoly.data.plan): holds the raw rows (JPEG bytes, not
-  patches) of the block it is handing out, and nothing else.
+  patches) of the window it is handing out, and nothing else.
 """
 from __future__ import annotations
 
 import io
 from functools import lru_cache
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,30 +109,61 @@ class _Counted(io.RawIOBase):
         super().close()
 
 
-class RowReader:
-    """Row ranges of Parquet files with one open scan (see the module docstring); `bytes_read`."""
+class OpenFiles:
+    """The Parquet files a worker's lanes read, each opened once and shared (the last `size` used):
+    opening one (a file handle and a `ParquetFile`) costs ~0.2 ms, and the lanes of a source take
+    turns on the same files, a few row groups at a time. A file dropped from here stays open
+    while a reader still scans it."""
 
-    def __init__(self, batch_rows: int = 1024, counter: list[int] | None = None):
+    def __init__(self, counter: list[int], size: int = 64):
+        self.counter, self.size = counter, size
+        self._open: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
+
+    def get(self, path: str) -> tuple[pq.ParquetFile, np.ndarray]:
+        """(the file, the first row of each row group then its row count)."""
+        if path in self._open:
+            self._open[path] = self._open.pop(path)  # most recent last
+            return self._open[path]
+        meta = footer(path)
+        pf = pq.ParquetFile(_Counted(open_file(path), self.counter), metadata=meta, pre_buffer=False,
+                            buffer_size=READ_BUFFER)
+        bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._open[path] = (pf, bounds)
+        if len(self._open) > self.size:
+            self._open.pop(next(iter(self._open)))
+        return pf, bounds
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+class RowReader:
+    """Row ranges of Parquet files with one open scan (see the module docstring); `bytes_read`.
+    `files`: the worker's shared `OpenFiles` (a reader of its own opens its own)."""
+
+    def __init__(self, batch_rows: int = 1024, counter: list[int] | None = None, files: OpenFiles | None = None):
         self.batch_rows = batch_rows
         self.counter = counter if counter is not None else [0]
+        self.files = files if files is not None else OpenFiles(self.counter, size=1)
         self._path: str | None = None
         self._next = -1
-        self._file = self._scan = self._pending = None
+        self._pf = self._scan = self._pending = None
+        self._bounds = np.zeros(1, dtype=np.int64)  # first row of each row group, then the file's rows
+        self._scanned = 0  # row groups given to a scan so far
 
     @property
     def bytes_read(self) -> int:
         return self.counter[0]
 
     def read(self, path: str, start: int, stop: int) -> pa.Table:
-        if (path, start) != (self._path, self._next):
-            self._open(path, start)
+        if path != self._path:
+            self._open(path)
+        if start != self._next:
+            self._seek(start)
         parts, need = [], stop - start
         while need > 0:
             if self._pending is None or self._pending.num_rows == 0:
-                batch = next(self._scan, None)
-                if batch is None:
-                    raise ValueError(f"{path}: rows [{start}, {stop}) run past the end of the file; did it change?")
-                self._pending = pa.Table.from_batches([batch])
+                self._pending = self._next_batch(stop)
             take = min(need, self._pending.num_rows)
             parts.append(self._pending.slice(0, take))
             self._pending = self._pending.slice(take)
@@ -138,32 +171,42 @@ class RowReader:
         self._next = stop
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
-    def _open(self, path: str, start: int) -> None:
+    def _open(self, path: str) -> None:
         self.close()
-        self._file = _Counted(open_file(path), self.counter)
-        meta = footer(path)
-        pf = pq.ParquetFile(self._file, metadata=meta, pre_buffer=False, buffer_size=READ_BUFFER)
-        rows = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        g = int(np.searchsorted(rows, start, side="right")) - 1
-        self._scan = self._groups(pf, g, meta.num_row_groups)
-        self._path, self._next, self._pending = path, int(rows[g]), None
-        if start > self._next:  # the head of the first row group: read past it (the only slack)
-            self.read(path, self._next, start)
+        self._pf, self._bounds = self.files.get(path)
+        self._path = path
 
-    def _groups(self, pf: pq.ParquetFile, first: int, end: int):
-        """Batches of row groups first, first+1, … — one group at a time: a batch reader over several
-        groups fills its batches across their boundary, reading the next group's pages early."""
-        for g in range(first, end):
-            yield from pf.iter_batches(batch_size=self.batch_rows, row_groups=[g], use_threads=False)
+    def _seek(self, start: int) -> None:
+        """Start a new scan at the row group holding `start`; read past the rows before it (the only slack)."""
+        g = int(np.searchsorted(self._bounds, start, side="right")) - 1
+        self._scan, self._pending, self._scanned = None, None, g
+        self._next = int(self._bounds[g])
+        if start > self._next:
+            self.read(self._path, self._next, start)
+
+    def _next_batch(self, stop: int) -> pa.Table:
+        """The scan's next batch. A scan covers the row groups up to the one holding row stop − 1 in
+        one `iter_batches` call (one call per row group cost ~0.3 ms, more than decoding a
+        256-row group of tokens), so it never reads a group the read does not need; a read that
+        continues past them starts the next scan there."""
+        while True:
+            batch = next(self._scan, None) if self._scan is not None else None
+            if batch is not None:
+                return pa.Table.from_batches([batch])
+            last = int(np.searchsorted(self._bounds, stop - 1, side="right"))  # one past the group of stop − 1
+            if self._scanned >= min(last, len(self._bounds) - 1):
+                raise ValueError(f"{self._path}: rows up to {stop} run past the end of the file "
+                                 f"({int(self._bounds[-1])} rows); did it change?")
+            groups = list(range(self._scanned, min(last, len(self._bounds) - 1)))
+            self._scan = self._pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, use_threads=False)
+            self._scanned = groups[-1] + 1
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = self._scan = self._pending = None
+        self._pf = self._scan = self._pending = None
         self._path, self._next = None, -1
 
 
-WINDOW_BYTES = 4 << 20
+WINDOW_BYTES = 1 << 20
 """Raw bytes a lane reads at a time (whole shuffle blocks, at least one): reads of a few rows cost
 ~0.1 ms each in pyarrow, so a lane reads ahead by bytes, not by its block size."""
 MAX_WINDOW_ROWS = 4096
@@ -189,25 +232,25 @@ class Bad:
 
 
 class LaneCursor:
-    """One lane of one source (vipoly.data.plan), as a worker reads it: `rows(js)` gives, for the
-    lane's samples `js` (ascending), one item each: a `BlockRow` handle of an encoded row, a `Bad`,
-    or `(table, i)`, row i of a raw table still to be encoded (rows with images: decoded in Ray
-    tasks after the selection). It holds one *window*: whole shuffle blocks of its slice, about
-    WINDOW_BYTES of raw rows (JPEG bytes, never patches), read in one range. A window of text rows
-    is tokenised when it is read, in one batched call (`model_dir`); the pre-encoded copies
-    (`encoded`) need nothing. `replacement(j, r)` reads the row that fills the r-th bad slot of
-    sample j's pass."""
+    """One lane of one source (vipoly.data.plan), as a worker reads it: `take(js)` finds the lane's
+    samples `js` (ascending) in the windows it reads. It holds one *window*: whole shuffle blocks of
+    its slice, about WINDOW_BYTES of raw rows (JPEG bytes, never patches), read in one range. A
+    window of text rows is tokenised when it is read, in one batched call (`model_dir`); the
+    pre-encoded copies (`encoded`) need nothing; rows with images stay raw (decoded in Ray tasks
+    after the selection). `replacement(j, r)` reads the row that fills the r-th bad slot of sample
+    j's pass."""
 
     def __init__(self, plan, name: str, lane: int, files: list[str], counter: list[int], encoded: bool = False,
-                 model_dir: str | None = None):
+                 model_dir: str | None = None, open_files: OpenFiles | None = None):
         self.plan, self.name, self.lane, self.files, self.encoded = plan, name, lane, files, encoded
         self.model_dir = model_dir
         block, rows = plan.block[lane], window_rows(files)
         self.span = max(1, rows // block) * block
         # A scan keeps the rest of its last batch for the next read: ~1 MiB batches keep that small.
-        self.reader = RowReader(batch_rows=max(16, min(1024, rows // 4)), counter=counter)
+        self.reader = RowReader(batch_rows=max(16, min(1024, rows // 4)), counter=counter, files=open_files)
         self._window = (-1, 0, 0)  # (epoch, first slice index, rows)
-        self._table = self._block = self._order = self._where = None
+        self._table = self._order = self._where = None
+        self._raw = False  # whether _table holds raw rows (with images) rather than encoded ones
         self._bad: dict[int, Bad] = {}
 
     def _load(self, epoch: int, x: int) -> None:
@@ -215,44 +258,58 @@ class LaneCursor:
 
         block, n = self.plan.block[self.lane], self.plan.lane_rows(self.name, self.lane)
         first = x // block * block
-        rows = min(self.span, n - first)
+        # Windows start at a 16th of `span` and grow 4× a load, from the start of each pass: a
+        # worker's first batches draw from every lane it owns, and full windows for all of them at
+        # once (64 lanes × 4,096 text rows to tokenise) held the first batch back by seconds;
+        # growing by 2× from one block cost a fifth of the rate in window loads.
+        start = max(block, self.span // 16 // block * block)
+        previous = self._window[2] if self._window[0] == epoch else 0
+        rows = min(self.span, max(start, 4 * previous // block * block), n - first)
         parts = [self.reader.read(self.files[s.file], s.start, s.stop)
                  for s in self.plan.block_segments(self.name, self.lane, epoch, first, rows)]
         table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
         table = table.replace_schema_metadata(None).combine_chunks()
         self._order = self.plan.window_order(self.name, self.lane, epoch, first, rows)
-        self._table, self._block, self._where, self._bad = table, None, None, {}
+        self._table, self._where, self._bad, self._raw = table, None, {}, False
         if self.encoded:
-            self._block = EncodedBlock(table)
-        elif self.model_dir is not None and not has_images(table):
+            self._table = EncodedBlock(table)
+        elif self.model_dir is None or has_images(table):
+            self._raw = True
+        else:
             encoded, bad = encode_rows(table, self.model_dir)
             self._bad = {i: Bad(row_id, reason) for i, row_id, reason in bad}
-            self._where = np.cumsum([i not in self._bad for i in range(table.num_rows)]) - 1
-            self._block = EncodedBlock(encoded) if encoded is not None else None
-            self._table = None  # the raw text is not needed any more
+            good = np.ones(table.num_rows, dtype=bool)
+            good[list(self._bad)] = False
+            self._where = np.where(good, np.cumsum(good) - 1, -1)  # raw row → encoded row (−1: bad)
+            self._table = EncodedBlock(encoded) if encoded is not None else None  # the raw text is not needed now
         self._window = (epoch, first, rows)
 
-    def _index(self, j: int) -> int:
-        epoch, x = self.plan.lane_epoch(self.name, self.lane, j)
-        e, first, rows = self._window
-        if e != epoch or not first <= x < first + rows:
-            self._load(epoch, x)
-            first = self._window[1]
-        return int(self._order[x - first])
-
-    def rows(self, js: list[int]) -> list:
-        from vipoly.data.encode import BlockRow
-
-        out = []
-        for j in js:
-            i = self._index(j)
-            if self._where is not None:  # text tokenised at load
-                out.append(self._bad[i] if i in self._bad else BlockRow(self._block, int(self._where[i])))
-            elif self._block is not None:  # pre-encoded
-                out.append(BlockRow(self._block, i))
-            else:  # rows with images: encoded after the selection
-                out.append((self._table, i))
-        return out
+    def take(self, js: np.ndarray) -> tuple[list[tuple[np.ndarray, Any, np.ndarray, bool]], list[tuple[int, Bad]]]:
+        """Where the lane's samples `js` (ascending) are, a window at a time: ([(which, rows, at,
+        raw)], [(k, Bad)]). `which` indexes `js`; `at` are rows of `rows`: the window's
+        `EncodedBlock`, or its raw table when `raw` (rows with images, to encode after the
+        selection). The Bads are text rows that failed to tokenise when their window was read
+        (sample js[k])."""
+        n = self.plan.lane_rows(self.name, self.lane)
+        parts, bad, lo = [], [], 0
+        while lo < len(js):
+            epoch, x = divmod(int(js[lo]), n)
+            e, first, rows = self._window
+            if e != epoch or not first <= x < first + rows:
+                self._load(epoch, x)
+                e, first, rows = self._window
+            hi = int(np.searchsorted(js, e * n + first + rows))  # the window's samples: a run of js
+            which = np.arange(lo, hi)
+            at = self._order[js[lo:hi] - (e * n + first)]
+            if self._where is not None:
+                encoded = self._where[at]
+                ok = encoded >= 0
+                bad += [(lo + int(k), self._bad[int(at[k])]) for k in np.flatnonzero(~ok)]
+                parts.append((which[ok], self._table, encoded[ok], False))
+            else:
+                parts.append((which, self._table, at, self._raw))
+            lo = hi
+        return parts, bad
 
     def replacement(self, j: int, r: int) -> pa.Table:
         """The raw row that fills the r-th bad slot met in the pass of sample j: the lane's last
@@ -265,7 +322,7 @@ class LaneCursor:
         first = x // block * block
         order = self.plan.window_order(self.name, self.lane, epoch, first, min(block, n - first))
         seg = self.plan.block_segments(self.name, self.lane, epoch, first + int(order[x - first]), 1)[0]
-        side = RowReader(batch_rows=16, counter=self.reader.counter)
+        side = RowReader(batch_rows=16, counter=self.reader.counter, files=self.reader.files)
         try:
             return side.read(self.files[seg.file], seg.start, seg.stop)
         finally:
@@ -273,4 +330,4 @@ class LaneCursor:
 
     def close(self) -> None:
         self.reader.close()
-        self._table = self._block = self._where = None
+        self._table = self._order = self._where = None

@@ -6,8 +6,8 @@
 
 Per chunk (`vipoly.data.plan` defines chunks, lanes and the order):
     select    the plan says which lane sample sits at each of this worker's positions; each lane's
-              cursor hands out the raw rows (JPEG bytes) from the block it holds, reading only its
-              own slice of the source (`vipoly.data.reader`);
+              cursor finds the rows in the window it holds, reading only its own slice of the
+              source (`vipoly.data.reader`); chunks are selected GROUP_SAMPLES samples at a time;
     encode    rows with images are decoded and run through the image processor after the
               selection, in Ray tasks (`encode_rows`, `data.read_ahead` chunks in flight, so
               decoding overlaps the step); text rows are tokenised when their lane reads its
@@ -17,7 +17,7 @@ Per chunk (`vipoly.data.plan` defines chunks, lanes and the order):
     repair    a row that fails to decode is skipped, counted (`bad_rows`), written with its id and
               reason to the quarantine file, and its slot filled by the next replacement row of the
               same lane and source (from the end of the lane's slice), so the ratio holds;
-    order     the rows go back into position order (`BlockRow` handles over one Arrow table).
+    order     the rows go back into position order (`BlockRow` handles over the windows' blocks).
 
 Why not a Ray Data pipeline per source, as before: Ray Data has no resumable state and hands
 blocks to whichever reader asks, so every worker read every file and kept its rows by a hash of
@@ -26,17 +26,19 @@ Here the selection happens on indices first and only the chosen raw rows are rea
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from vipoly.config import Config, DataConfig
-from vipoly.data.encode import EncodedBlock, encode_rows, has_images
+from vipoly.data.encode import BlockRow, EncodedBlock, encode_rows, has_images
 from vipoly.data.plan import Plan, PlanState, SourceIndex
-from vipoly.data.reader import Bad, LaneCursor
+from vipoly.data.reader import LaneCursor, OpenFiles
 from vipoly.data.shards import shard_files, task_sources
 
 
@@ -71,15 +73,25 @@ def build_plan(cfg: Config) -> Plan:
                 partitions=cfg.data.partitions, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed)
 
 
-class _Chunk:
-    """A selected chunk on its way: the rows ready (position, BlockRow), the bad rows to replace
-    (source, address, position, id, reason), the encodings pending (source, ObjectRef or raw
-    table, positions, addresses) and the plan state after it."""
+GROUP_SAMPLES = 512
+"""Samples a worker selects at once: a lane finds its rows of several chunks in one call, so the
+work per sample is one handle; selecting chunk by chunk (a call per lane per chunk, an object per
+address) cost more per sample than reading the rows. Rows with images are still submitted to
+their Ray tasks chunk by chunk."""
 
-    def __init__(self, state: dict[str, Any]):
+
+class _Chunk:
+    """A selected chunk on its way, and the plan state after it:
+    - `ready`: the encoded rows at each of the worker's positions (None where still to come);
+    - `bad`: rows to replace (source, lane, j, position, id, reason);
+    - `raw`: rows with images (source, raw table, rows, positions, [(lane, j)]) until submitted,
+      then `pending` (source, ObjectRef or raw table, positions, [(lane, j)])."""
+
+    def __init__(self, state: dict[str, Any], size: int):
         self.state = state
-        self.ready: list[tuple[int, Any]] = []
-        self.bad: list[tuple[int, Any, int, str, str]] = []
+        self.ready: list[BlockRow | None] = [None] * size
+        self.bad: list[tuple[int, int, int, int, str, str]] = []
+        self.raw: list[tuple[int, pa.Table, np.ndarray, np.ndarray, list]] = []
         self.pending: list[tuple[int, Any, list[int], list]] = []
 
 
@@ -88,11 +100,12 @@ class PlannedStream:
 
     `state`: a `PlanState` dict to continue from (from any number of workers). `encoded`: {source:
     its pre-encoded copies, same rows in the same order} for the sources that have them.
-    `quarantine`: the JSON-lines file bad rows are written to."""
+    `quarantine`: the JSON-lines file bad rows are written to. `group_samples`: see GROUP_SAMPLES."""
 
     def __init__(self, plan: Plan, rank: int, world: int, model_dir: str | Path, *, state: dict | None = None,
                  encoded: dict[str, list[str] | None] | None = None, read_ahead: int = 2,
-                 quarantine: str | Path | None = None, encode_num_cpus: float = 1.0):
+                 quarantine: str | Path | None = None, encode_num_cpus: float = 1.0,
+                 group_samples: int = GROUP_SAMPLES):
         plan.check_workers(world)
         self.plan, self.rank, self.world, self.model_dir = plan, rank, world, str(model_dir)
         self.positions = plan.positions(rank, world)
@@ -111,10 +124,12 @@ class PlannedStream:
         # the count survives a resume, on any number of workers)
         self.bad_rows = sum(r for lanes in self.back.values() for p, r in lanes.items() if p in mine)
         self._cursors: dict[tuple[int, int], LaneCursor] = {}
+        self._open_files = OpenFiles(self.counter)
         self._inflight: deque[_Chunk] = deque()
         self._position = self.selection.to_dict()
         self._remote = None
         self._encode_num_cpus = encode_num_cpus
+        self._group = max(1, group_samples // len(self.positions))  # chunks selected at once
 
     @property
     def bytes_read(self) -> int:
@@ -131,36 +146,49 @@ class PlannedStream:
         if key not in self._cursors:
             name = self.plan.names[s]
             self._cursors[key] = LaneCursor(self.plan, name, lane, self.files[name], self.counter,
-                                            encoded=self.is_encoded[name], model_dir=self.model_dir)
+                                            encoded=self.is_encoded[name], model_dir=self.model_dir,
+                                            open_files=self._open_files)
         return self._cursors[key]
 
-    def _select(self) -> _Chunk:
-        addresses = self.plan.advance(self.selection, self.positions)
-        chunk = _Chunk({**self.selection.to_dict(), "back": {}})
-        base = self.positions.start
-        by_source: dict[int, dict[int, list]] = {}
-        for i, a in enumerate(addresses):
-            by_source.setdefault(a.source, {}).setdefault(a.lane, []).append((base + i, a))
-        for s, lanes in sorted(by_source.items()):
-            raw: dict[int, tuple[pa.Table, list[int], list[int], list]] = {}  # per raw window: rows to take
-            for lane, items in sorted(lanes.items()):
-                for (pos, a), item in zip(items, self._cursor(s, lane).rows([a.j for _, a in items])):
-                    if isinstance(item, Bad):
-                        chunk.bad.append((s, a, pos, item.id, item.reason))
-                    elif isinstance(item, tuple):
-                        table, row = item
-                        entry = raw.setdefault(id(table), (table, [], [], []))
-                        entry[1].append(row)
-                        entry[2].append(pos)
-                        entry[3].append(a)
-                    else:
-                        chunk.ready.append((pos, item))
-            if raw:
-                parts = [t.take(rows) for t, rows, _, _ in raw.values()]
-                table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-                chunk.pending.append((s, self._submit(table), sum((p for _, _, p, _ in raw.values()), []),
-                                      sum((a for _, _, _, a in raw.values()), [])))
-        return chunk
+    def _select_group(self) -> list[_Chunk]:
+        """The next GROUP_SAMPLES samples' worth of chunks, selected at once (see GROUP_SAMPLES)."""
+        per, base = len(self.positions), self.positions.start
+        chunks, picks = [], []
+        for _ in range(self._group):
+            picks.append(self.plan.advance_arrays(self.selection, self.positions))
+            chunks.append(_Chunk({**self.selection.to_dict(), "back": {}}, per))
+        source, lane, js = (np.concatenate(x) for x in zip(*picks))  # slot = chunk · per + position − base
+        key = source * self.plan.partitions + lane
+        order = np.argsort(key, kind="stable")  # by (source, lane); within one, slots and js ascend
+        for slots in np.split(order, np.flatnonzero(np.diff(key[order])) + 1):
+            s, p = int(source[slots[0]]), int(lane[slots[0]])
+            parts, bad = self._cursor(s, p).take(js[slots])
+            for which, rows, at, raw in parts:
+                if not raw:
+                    for slot, i in zip(slots[which].tolist(), at.tolist()):
+                        chunks[slot // per].ready[slot % per] = BlockRow(rows, i)
+                    continue
+                chunk_of = slots[which] // per
+                for c in np.unique(chunk_of):  # rows with images: kept raw, per chunk
+                    mask = chunk_of == c
+                    mine = slots[which[mask]]
+                    chunks[c].raw.append((s, rows, at[mask], mine % per + base, [(p, int(j)) for j in js[mine]]))
+            for k, row in bad:
+                slot = int(slots[k])
+                chunks[slot // per].bad.append((s, p, int(js[slot]), base + slot % per, row.id, row.reason))
+        return chunks
+
+    def _submit_raw(self, chunk: _Chunk) -> None:
+        """Start encoding a chunk's rows with images: one job per source."""
+        by_source: dict[int, list] = {}
+        for s, table, rows, positions, addresses in chunk.raw:
+            by_source.setdefault(s, []).append((table.take(rows), positions, addresses))
+        for s, parts in by_source.items():
+            table = pa.concat_tables([t for t, _, _ in parts], promote_options="permissive") \
+                if len(parts) > 1 else parts[0][0]
+            chunk.pending.append((s, self._submit(table), [int(x) for _, pos, _ in parts for x in pos],
+                                  [a for _, _, addrs in parts for a in addrs]))
+        chunk.raw = []
 
     def _submit(self, table: pa.Table):
         """A Ray task for rows with images (decoding overlaps the step); text stays here."""
@@ -177,9 +205,12 @@ class PlannedStream:
     # -- encode, repair, order
     def _finish(self, chunk: _Chunk) -> list:
         """The chunk's rows in position order, once its encodings are done and bad rows replaced."""
-        rows = list(chunk.ready)
-        for s, a, pos, row_id, reason in chunk.bad:  # text rows that failed when their window was read
-            rows.append((pos, EncodedBlock(self._repair(s, a, row_id, reason)).rows()[0]))
+        if not chunk.bad and not chunk.pending:
+            return chunk.ready
+        base = self.positions.start
+        rows = [(base + k, row) for k, row in enumerate(chunk.ready) if row is not None]
+        for s, lane, j, pos, row_id, reason in chunk.bad:  # text rows that failed when their window was read
+            rows.append((pos, EncodedBlock(self._repair(s, lane, j, row_id, reason)).rows()[0]))
         for s, job, pos, addrs in chunk.pending:
             if isinstance(job, pa.Table):
                 encoded, bad = encode_rows(job, self.model_dir)
@@ -191,20 +222,20 @@ class PlannedStream:
             if encoded is not None and encoded.num_rows:
                 rows += zip((p for i, p in enumerate(pos) if i not in bad_at), EncodedBlock(encoded).rows())
             for i, row_id, reason in bad:
-                rows.append((pos[i], EncodedBlock(self._repair(s, addrs[i], row_id, reason)).rows()[0]))
+                lane, j = addrs[i]
+                rows.append((pos[i], EncodedBlock(self._repair(s, lane, j, row_id, reason)).rows()[0]))
         rows.sort(key=lambda item: item[0])
         return [row for _, row in rows]
 
-    def _repair(self, s: int, a, row_id: str, reason: str) -> pa.Table:
+    def _repair(self, s: int, lane: int, j: int, row_id: str, reason: str) -> pa.Table:
         """Quarantine the bad row and return the encoded replacement of its slot."""
         name = self.plan.names[s]
-        lane = str(a.lane)
         while True:
             self.bad_rows += 1
-            self._quarantine({"id": row_id, "source": name, "lane": a.lane, "reason": reason})
-            r = self.back[name].get(lane, 0)
-            self.back[name][lane] = r + 1
-            raw = self._cursor(s, a.lane).replacement(a.j, r)
+            self._quarantine({"id": row_id, "source": name, "lane": lane, "reason": reason})
+            r = self.back[name].get(str(lane), 0)
+            self.back[name][str(lane)] = r + 1
+            raw = self._cursor(s, lane).replacement(j, r)
             encoded, bad = encode_rows(raw, self.model_dir)
             if not bad:
                 return encoded
@@ -221,11 +252,13 @@ class PlannedStream:
     def next_chunk(self) -> tuple[list, dict[str, Any]]:
         """This worker's rows of the next chunk (BlockRow handles, in position order) and the
         position after them."""
-        while len(self._inflight) < self.read_ahead:
-            self._inflight.append(self._select())
+        while len(self._inflight) <= self.read_ahead:
+            self._inflight.extend(self._select_group())
+        for chunk in itertools.islice(self._inflight, self.read_ahead + 1):
+            if chunk.raw:  # this chunk and the next `read_ahead` decode while this one trains
+                self._submit_raw(chunk)
         chunk = self._inflight.popleft()
         rows = self._finish(chunk)
-        self._inflight.append(self._select())  # keep `read_ahead` chunks decoding while this one trains
         back = {name: dict(lanes) for name, lanes in self.back.items() if lanes}
         self._position = {**chunk.state, "back": back}
         return rows, self._position
@@ -235,6 +268,7 @@ class PlannedStream:
         for cursor in self._cursors.values():
             cursor.close()
         self._cursors.clear()
+        self._open_files.close()
 
     def __enter__(self) -> "PlannedStream":
         return self

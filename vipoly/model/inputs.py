@@ -210,16 +210,7 @@ class InputBuilder:
         None / empty arrays there."""
         if not rows:
             raise ValueError("pad: no rows")
-        ids = [r["input_ids"] for r in rows]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        real = np.arange(lengths.max()) < lengths[:, None]  # (B, N), row-major: fills row after row
-        flat = np.concatenate(ids).astype(np.int64, copy=False)
-        input_ids = np.full(real.shape, self.pad_id, dtype=np.int64)
-        input_ids[real] = flat
-        mm = np.zeros(real.shape, dtype=np.int32)
-        mm[real] = flat == self.image_pad_id  # what encode_one's mm_token_type_ids is, row by row
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
-                 "mm_token_type_ids": torch.from_numpy(mm)}
+        batch = self.pad_ids([r["input_ids"] for r in rows])
         pixels, grids = [], []
         for r in rows:
             pv = r.get("pixel_values")
@@ -230,6 +221,18 @@ class InputBuilder:
             batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels))
             batch["image_grid_thw"] = torch.from_numpy(np.concatenate(grids))
         return batch
+
+    def pad_ids(self, ids: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The token half of `pad`, from the rows' input_ids alone (text-only rows need nothing else)."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        real = np.arange(lengths.max()) < lengths[:, None]  # (B, N), row-major: fills row after row
+        flat = np.concatenate(ids).astype(np.int64, copy=False)
+        input_ids = np.full(real.shape, self.pad_id, dtype=np.int64)
+        input_ids[real] = flat
+        mm = np.zeros(real.shape, dtype=np.int32)
+        mm[real] = flat == self.image_pad_id  # what encode_one's mm_token_type_ids is, row by row
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
+                "mm_token_type_ids": torch.from_numpy(mm)}
 
     def pack(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Concatenate rows from `encode_one` into one packed batch with no padding: input_ids,

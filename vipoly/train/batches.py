@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from vipoly.config import Config, TrainConfig
-from vipoly.data.collate import load_builder, pair_labels, sides
+from vipoly.data.collate import load_builder, pad_sides, pair_labels, sides
 from vipoly.data.encode import default_cache, encoded_files
 from vipoly.data.shards import QUARANTINE
 from vipoly.data.stream import PlannedStream, resolve_sources
@@ -101,8 +101,8 @@ class TrainStream:
         batch = pair_labels(rows)
         # Queries and positives go through the model in ONE forward pass: DDP sees one graph per
         # step, and the backbone runs one larger batch instead of two.
-        both = sides(rows)
-        batch["inputs"] = self.builder.pack(both) if self.cfg.train.packed_sequences else self.builder.pad(both)
+        batch["inputs"] = self.builder.pack(sides(rows)) if self.cfg.train.packed_sequences \
+            else pad_sides(rows, self.builder)
         batch["bad_rows"] = self.stream.bad_rows
         batch["bytes_read"] = self.stream.bytes_read
         return batch, position
