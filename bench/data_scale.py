@@ -146,19 +146,10 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def bench_memory(tmp: Path, model_dir: Path, n: int) -> None:
-    import io
-
-    from PIL import Image
-
     from vipoly.data.schema import SCHEMA
+    from vipoly.data.synthetic import jpeg_pages
 
-    rng = np.random.default_rng(0)
-    pages = []
-    for _ in range(64):
-        small = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(small).resize((448, 448), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        pages.append(buf.getvalue())
+    pages = jpeg_pages(64, grain=56)
     root = tmp / "pages"
     (root / "ocr").mkdir(parents=True)
     for f, start in enumerate(range(0, n, 4000)):

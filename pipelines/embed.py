@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.cli import run_cli
+
 LANCE = "embeddings.lance"  # the Lance dataset inside OUTPUT (--format lance)
 ERRORS = "_errors.jsonl"  # "_" prefix: Parquet readers skip it, so OUTPUT reads as one dataset
 SIDE_DIR = "_job"  # per-task side files (bad rows, counts) merged by the driver at the end
@@ -594,13 +596,7 @@ def drop_duplicates(files: list[Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

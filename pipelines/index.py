@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from pipelines.cli import run_cli
 from vipoly.search import IndexConfig, build_index
 from vipoly.search.index import TABLE, report_path
 
@@ -45,13 +46,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

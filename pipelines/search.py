@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from pipelines.cli import run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     from vipoly.config import add_config_args
@@ -58,13 +60,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -374,21 +374,12 @@ def test_a_text_row_without_content_is_replaced_too(prepared, tiny_model_dir, tm
 def test_memory_does_not_grow_with_the_shuffle_buffer_beyond_raw_bytes(tmp_path, tiny_model_dir):
     """448² JPEG pages (patches ≈ 4.8 MB each once encoded): raising data.shuffle_buffer from 8 to
     600 adds at most the raw bytes of the extra rows held, never their patches."""
-    import io
-
-    from PIL import Image
-
     from vipoly.config import Config
     from vipoly.data.schema import SCHEMA
+    from vipoly.data.synthetic import jpeg_pages
     from vipoly.model.inputs import write_inputs
 
-    rng = np.random.default_rng(0)
-    pages = []
-    for _ in range(16):
-        small = rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(small).resize((448, 448), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        pages.append(buf.getvalue())
+    pages = jpeg_pages(16, grain=28)
     n = 800
     images = [[pages[i % len(pages)]] for i in range(n)]
     cols = {"id": [f"page-{i:05d}" for i in range(n)], "task": ["ocr"] * n, "lang": ["vi"] * n,

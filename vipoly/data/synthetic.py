@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vipoly.data.schema import make_row, rows_to_table
@@ -149,6 +150,19 @@ def _sc_index(path: str) -> int:
         if name.endswith(" SC"):
             return i
     return 0
+
+
+def jpeg_pages(count: int, side: int = 448, grain: int = 28, seed: int = 0) -> list[bytes]:
+    """`count` side × side JPEG images (quality 90) of random grain × grain noise scaled up: the
+    size of a page scan (≈ 57 kB at 448² from 56² noise) for memory and decode measurements."""
+    rng = np.random.default_rng(seed)
+    pages = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        small = rng.integers(0, 255, (grain, grain, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        pages.append(buf.getvalue())
+    return pages
 
 
 def png(image: Image.Image) -> bytes:
