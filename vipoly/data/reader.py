@@ -109,45 +109,17 @@ class _Counted(io.RawIOBase):
         super().close()
 
 
-class OpenFiles:
-    """The Parquet files a worker's lanes read, each opened once and shared (the last `size` used):
-    opening one (a file handle and a `ParquetFile`) costs ~0.2 ms, and the lanes of a source take
-    turns on the same files, a few row groups at a time. A file dropped from here stays open
-    while a reader still scans it."""
-
-    def __init__(self, counter: list[int], size: int = 64):
-        self.counter, self.size = counter, size
-        self._open: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
-
-    def get(self, path: str) -> tuple[pq.ParquetFile, np.ndarray]:
-        """(the file, the first row of each row group then its row count)."""
-        if path in self._open:
-            self._open[path] = self._open.pop(path)  # most recent last
-            return self._open[path]
-        meta = footer(path)
-        pf = pq.ParquetFile(_Counted(open_file(path), self.counter), metadata=meta, pre_buffer=False,
-                            buffer_size=READ_BUFFER)
-        bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._open[path] = (pf, bounds)
-        if len(self._open) > self.size:
-            self._open.pop(next(iter(self._open)))
-        return pf, bounds
-
-    def close(self) -> None:
-        self._open.clear()
-
-
 class RowReader:
     """Row ranges of Parquet files with one open scan (see the module docstring); `bytes_read`.
-    `files`: the worker's shared `OpenFiles` (a reader of its own opens its own)."""
+    Each reader opens its own file: a ParquetFile shared by the lanes' interleaved scans was
+    tried, and a training worker then aborted on a corrupted heap (malloc: unaligned tcache chunk)."""
 
-    def __init__(self, batch_rows: int = 1024, counter: list[int] | None = None, files: OpenFiles | None = None):
+    def __init__(self, batch_rows: int = 1024, counter: list[int] | None = None):
         self.batch_rows = batch_rows
         self.counter = counter if counter is not None else [0]
-        self.files = files if files is not None else OpenFiles(self.counter, size=1)
         self._path: str | None = None
         self._next = -1
-        self._pf = self._scan = self._pending = None
+        self._file = self._pf = self._scan = self._pending = None
         self._bounds = np.zeros(1, dtype=np.int64)  # first row of each row group, then the file's rows
         self._scanned = 0  # row groups given to a scan so far
 
@@ -173,7 +145,10 @@ class RowReader:
 
     def _open(self, path: str) -> None:
         self.close()
-        self._pf, self._bounds = self.files.get(path)
+        self._file = _Counted(open_file(path), self.counter)
+        meta = footer(path)
+        self._pf = pq.ParquetFile(self._file, metadata=meta, pre_buffer=False, buffer_size=READ_BUFFER)
+        self._bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self._path = path
 
     def _seek(self, start: int) -> None:
@@ -202,7 +177,10 @@ class RowReader:
             self._scanned = groups[-1] + 1
 
     def close(self) -> None:
-        self._pf = self._scan = self._pending = None
+        self._scan = self._pending = self._pf = None
+        if self._file is not None:
+            self._file.close()
+        self._file = None
         self._path, self._next = None, -1
 
 
@@ -241,13 +219,13 @@ class LaneCursor:
     j's pass."""
 
     def __init__(self, plan, name: str, lane: int, files: list[str], counter: list[int], encoded: bool = False,
-                 model_dir: str | None = None, open_files: OpenFiles | None = None):
+                 model_dir: str | None = None):
         self.plan, self.name, self.lane, self.files, self.encoded = plan, name, lane, files, encoded
         self.model_dir = model_dir
         block, rows = plan.block[lane], window_rows(files)
         self.span = max(1, rows // block) * block
         # A scan keeps the rest of its last batch for the next read: ~1 MiB batches keep that small.
-        self.reader = RowReader(batch_rows=max(16, min(1024, rows // 4)), counter=counter, files=open_files)
+        self.reader = RowReader(batch_rows=max(16, min(1024, rows // 4)), counter=counter)
         self._window = (-1, 0, 0)  # (epoch, first slice index, rows)
         self._table = self._order = self._where = None
         self._raw = False  # whether _table holds raw rows (with images) rather than encoded ones
@@ -322,7 +300,7 @@ class LaneCursor:
         first = x // block * block
         order = self.plan.window_order(self.name, self.lane, epoch, first, min(block, n - first))
         seg = self.plan.block_segments(self.name, self.lane, epoch, first + int(order[x - first]), 1)[0]
-        side = RowReader(batch_rows=16, counter=self.reader.counter, files=self.reader.files)
+        side = RowReader(batch_rows=16, counter=self.reader.counter)
         try:
             return side.read(self.files[seg.file], seg.start, seg.stop)
         finally:

@@ -38,7 +38,7 @@ import pyarrow as pa
 from vipoly.config import Config, DataConfig
 from vipoly.data.encode import BlockRow, EncodedBlock, encode_rows, has_images
 from vipoly.data.plan import Plan, PlanState, SourceIndex
-from vipoly.data.reader import LaneCursor, OpenFiles
+from vipoly.data.reader import LaneCursor
 from vipoly.data.shards import shard_files, task_sources
 
 
@@ -124,7 +124,6 @@ class PlannedStream:
         # the count survives a resume, on any number of workers)
         self.bad_rows = sum(r for lanes in self.back.values() for p, r in lanes.items() if p in mine)
         self._cursors: dict[tuple[int, int], LaneCursor] = {}
-        self._open_files = OpenFiles(self.counter)
         self._inflight: deque[_Chunk] = deque()
         self._position = self.selection.to_dict()
         self._remote = None
@@ -146,8 +145,7 @@ class PlannedStream:
         if key not in self._cursors:
             name = self.plan.names[s]
             self._cursors[key] = LaneCursor(self.plan, name, lane, self.files[name], self.counter,
-                                            encoded=self.is_encoded[name], model_dir=self.model_dir,
-                                            open_files=self._open_files)
+                                            encoded=self.is_encoded[name], model_dir=self.model_dir)
         return self._cursors[key]
 
     def _select_group(self) -> list[_Chunk]:
@@ -268,7 +266,6 @@ class PlannedStream:
         for cursor in self._cursors.values():
             cursor.close()
         self._cursors.clear()
-        self._open_files.close()
 
     def __enter__(self) -> "PlannedStream":
         return self
