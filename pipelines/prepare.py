@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", action="append", help="canonical=source column mapping, e.g. query_text=question")
     p.add_argument("--split", help="hf: the split to read (default: all)")
     p.add_argument("--labels", action="append", help="pairs: extra label=score entries, e.g. yes=1,no=0")
+    p.add_argument("--negatives", type=int, default=0,
+                   help="squad: up to N other paragraphs of the same article as each question's hard negatives")
     p.add_argument("--rows-per-file", type=int, default=100_000)
     p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     return add_config_args(p)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = config_from_args(args)
     opts = ConvertOptions(task=args.task, lang=args.lang, langs=args.langs.split(",") if args.langs else None,
                           columns=_parse_mapping(args.columns, "--columns"), split=args.split,
-                          labels=_parse_mapping(args.labels, "--labels", float))
+                          labels=_parse_mapping(args.labels, "--labels", float), negatives=args.negatives)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()  # ray: no bars in logs
     m = prepare(args.format, args.input, args.out, opts, cfg.data, overwrite=args.overwrite,
                 rows_per_file=args.rows_per_file, ray_address=cfg.run.ray_address)

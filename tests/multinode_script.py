@@ -3,10 +3,11 @@
     python tests/multinode_script.py multi  OUT_DIR DATA_ROOT MODEL_DIR   # 3 simulated nodes
     python tests/multinode_script.py single OUT_DIR DATA_ROOT MODEL_DIR   # one local node
 
-It runs in its own process because `ray.cluster_utils.Cluster` needs a fresh driver and the
-pytest process may already hold a Ray session. Both modes run the same code below, so the only
-difference between their results is where Ray placed the work. OUT_DIR/result.json gets the
-per-step losses, the embeddings by id and the node id of each Train worker.
+The multi-node mode runs in its own process because `ray.cluster_utils.Cluster` needs a fresh
+driver and the pytest process already holds a Ray session; the test runs the one-node jobs in
+that session (`run_jobs`). Both run the same code below, so the only difference between their
+results is where Ray placed the work. OUT_DIR/result.json gets the per-step losses, the
+embeddings by id and the node id of each Train worker.
 """
 from __future__ import annotations
 
@@ -83,39 +84,47 @@ def read_embeddings(out: Path) -> dict[str, list[float]]:
     return rows
 
 
-def main(mode: str, out: Path, data_root: str, model_dir: str) -> None:
+def run_jobs(mode: str, out: Path, data_root: str, model_dir: str) -> dict:
+    """The training and embedding jobs on the Ray this process is connected to; their results."""
     import ray
 
     from pipelines import embed, train
     from vipoly.train.monitor import read_metrics
 
     out.mkdir(parents=True, exist_ok=True)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    run_dir = out / "run"
+    rc = train.main(["--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+                     "--set", f"data.root={data_root}", "--set", f"run.dir={run_dir}",
+                     "--set", f"model.backbone={model_dir}", "--set", "run.wandb=disabled",
+                     "--set", "train.max_steps=4", "--set", "train.checkpoint_every=4",
+                     "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=1",
+                     # one worker per node where there are nodes; one node cannot spread
+                     "--set", f"train.placement_strategy={'STRICT_SPREAD' if mode == 'multi' else 'PACK'}"])
+    if rc != 0:
+        raise SystemExit(f"training exited with {rc}")
+    workers = train_worker_nodes()
+    texts = out / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"t{i}", "text": t}, ensure_ascii=False) + "\n"
+                             for i, t in enumerate(TEXTS)))
+    rc = embed.main(["--model", str(run_dir / "model"), "--input", str(texts), "--output", str(out / "emb")])
+    if rc != 0:
+        raise SystemExit(f"embedding exited with {rc}")
+    losses = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    result = {"mode": mode, "nodes": nodes, "train_worker_nodes": workers, "losses": losses,
+              "embeddings": read_embeddings(out / "emb")}
+    (out / "result.json").write_text(json.dumps(result))
+    print(f"multinode_script {mode}: {len(losses)} steps, workers on {workers}", flush=True)
+    return json.loads((out / "result.json").read_text())  # as the test reads the other mode's (str keys)
+
+
+def main(mode: str, out: Path, data_root: str, model_dir: str) -> None:
+    import ray
+
     temp_dir = tempfile.mkdtemp(prefix="vpmn-", dir="/tmp")  # short: Ray's socket paths have a length limit
     cluster = start_ray(mode, temp_dir)
     try:
-        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        run_dir = out / "run"
-        rc = train.main(["--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-                         "--set", f"data.root={data_root}", "--set", f"run.dir={run_dir}",
-                         "--set", f"model.backbone={model_dir}", "--set", "run.wandb=disabled",
-                         "--set", "train.max_steps=4", "--set", "train.checkpoint_every=4",
-                         "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=1",
-                         # one worker per node where there are nodes; one node cannot spread
-                         "--set", f"train.placement_strategy={'STRICT_SPREAD' if mode == 'multi' else 'PACK'}"])
-        if rc != 0:
-            raise SystemExit(f"training exited with {rc}")
-        workers = train_worker_nodes()
-        texts = out / "texts.jsonl"
-        texts.write_text("".join(json.dumps({"id": f"t{i}", "text": t}, ensure_ascii=False) + "\n"
-                                 for i, t in enumerate(TEXTS)))
-        rc = embed.main(["--model", str(run_dir / "model"), "--input", str(texts), "--output", str(out / "emb")])
-        if rc != 0:
-            raise SystemExit(f"embedding exited with {rc}")
-        losses = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
-        result = {"mode": mode, "nodes": nodes, "train_worker_nodes": workers, "losses": losses,
-                  "embeddings": read_embeddings(out / "emb")}
-        (out / "result.json").write_text(json.dumps(result))
-        print(f"multinode_script {mode}: {len(losses)} steps, workers on {workers}", flush=True)
+        run_jobs(mode, out, data_root, model_dir)
     finally:
         ray.shutdown()
         if cluster is not None:

@@ -125,8 +125,10 @@ def submit(address: str, entrypoint: str, working_dir: str | Path,
     return done.returncode, text
 
 
-def stop(grace_s: float = 20.0) -> None:
-    """Stop the head started here: SIGTERM to its `ray start --block`, then SIGKILL its group."""
+def stop(grace_s: float = 5.0) -> None:
+    """Stop the head started here: SIGTERM to its `ray start --block`, then SIGKILL its group.
+    (--block's own clean-up took the whole 20 s it was once given here, on every run: the group
+    kill is what ends the head's processes either way.)"""
     if not _head:
         return
     proc: subprocess.Popen = _head["proc"]

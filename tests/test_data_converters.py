@@ -55,6 +55,19 @@ def test_squad_xquad_three_languages(eval_data):
     assert len({r[ORDER] for r in rows}) == len(rows)
 
 
+def test_squad_negatives_are_other_paragraphs_of_the_article(eval_data):
+    import json
+
+    path = eval_data / "xquad" / "xquad.vi.json"
+    good, bad = checked(convert("squad", [path], negatives=2))
+    assert not bad and len(good) == 1190
+    article = {p["context"] for p in json.loads(path.read_text())["data"][0]["paragraphs"]}
+    first = good[0]
+    assert len(first["neg_text"]) == 2 and set(first["neg_text"]) <= article - {first["pos_text"]}
+    assert all(r["pos_text"] not in r["neg_text"] and len(r["neg_text"]) <= 2 for r in good)
+    assert all(not r["neg_text"] for r in checked(convert("squad", [path]))[0])  # off by default
+
+
 def test_squad_as_text_pair_gets_score_one(eval_data):
     rows = convert("squad", [eval_data / "xquad" / "xquad.zh.json"], task="text_pair", lang="zh")
     good, bad = checked(rows)

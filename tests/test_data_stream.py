@@ -216,6 +216,44 @@ def test_text_encoding_needs_no_torch(tiny_model_dir, prepared):
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_equal_positives_get_equal_keys(tiny_model_dir, prepared):
+    """pos_key: the same positive text and image bytes give the same key, whatever the task or
+    the query; one byte more in the image, or another text, another key."""
+    source = pq.read_table(prepared / "vqa_single")
+    base = source.slice(0, 1).to_pylist()[0]
+    image = base["query_images"][0]
+    rows = [{**base, "id": "a", "pos_text": "yes"}, {**base, "id": "b", "query_text": "other?", "pos_text": "yes"},
+            {**base, "id": "c", "pos_text": "no"}, {**base, "id": "d", "task": "vqa_multi", "pos_text": "yes"},
+            {**base, "id": "e", "pos_text": "yes", "pos_images": [image]},
+            {**base, "id": "f", "pos_text": "yes", "pos_images": [image]},
+            {**base, "id": "g", "pos_text": "yes", "pos_images": [image + b"\0"]}]
+    enc = encode_table(pa.Table.from_pylist(rows, schema=source.schema), str(tiny_model_dir))
+    keys = collate_pairs(row_handles(enc), load_builder(str(tiny_model_dir)))["pos_key"].tolist()
+    assert keys[0] == keys[1] == keys[3] and keys[4] == keys[5]
+    assert len({keys[0], keys[2], keys[4], keys[6]}) == 4
+
+
+def test_hard_negatives_are_tokenised_as_positives(tiny_model_dir, prepared):
+    """data.negatives: up to N of each row's neg_text, tokenised as a positive with that text
+    would be, in row order after the sides; rows with fewer give fewer; keys as positives'."""
+    from vipoly.data.collate import hard_negatives
+
+    source = pq.read_table(prepared / "vqa_single")
+    base = source.slice(0, 1).to_pylist()[0]
+    rows = [{**base, "id": "a", "neg_text": ["no", "maybe", "never"]}, {**base, "id": "b", "neg_text": []},
+            {**base, "id": "c", "neg_text": ["yes"]}]
+    enc = encode_table(pa.Table.from_pylist(rows, schema=source.schema), str(tiny_model_dir))
+    negs = hard_negatives(row_handles(enc), 2, str(tiny_model_dir))
+    assert negs["neg_owner"].tolist() == [0, 0, 2]
+    as_positives = encode_table(pa.Table.from_pylist([{**base, "pos_text": t, "pos_images": []}
+                                                      for t in ("no", "maybe", "yes")], schema=source.schema),
+                                str(tiny_model_dir))
+    want = [row_handles(as_positives)[i].side("p") for i in range(3)]
+    assert all(np.array_equal(got, w["input_ids"]) for got, w in zip(negs["input_ids"], want))
+    assert negs["neg_key"].tolist() == as_positives.column("p_key").to_pylist()
+    assert hard_negatives(table_rows(enc), 2, str(tiny_model_dir))["neg_owner"].tolist() == [0, 0, 2]
+
+
 def test_ray_collate_equals_row_collate(tiny_model_dir, prepared):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -257,6 +295,7 @@ def assert_same_batch(a: dict, b: dict) -> None:
         for k in a[side]:
             assert a[side][k].dtype == b[side][k].dtype and torch.equal(a[side][k], b[side][k]), (side, k)
     assert torch.equal(a["task_ids"], b["task_ids"]) and torch.equal(a["scores"].isnan(), b["scores"].isnan())
+    assert torch.equal(a["pos_key"], b["pos_key"])
     assert torch.equal(a["scores"].nan_to_num(-1), b["scores"].nan_to_num(-1))
     assert a["lang"] == b["lang"] and a["id"] == b["id"]
 

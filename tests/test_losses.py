@@ -39,23 +39,34 @@ def dot(u, v):
     return sum(u[k] * v[k] for k in range(len(u)))
 
 
-def loop_nce(a, b, i, temp):
-    n = len(a)
-    row_ab = [dot(a[i], b[j]) / temp for j in range(n)]
-    row_ba = [dot(b[i], a[j]) / temp for j in range(n)]
-    ce = lambda row: torch.log(sum(torch.exp(x) for x in row)) - row[i]  # noqa: E731
+def candidates(n, i, keys=None):
+    """Columns that row i scores against: all, less those holding the same positive (keys)."""
+    return [j for j in range(n) if keys is None or j == i or keys[j] != keys[i]]
+
+
+def hard(i, keys=None, hard_negs=None):
+    """Row i's hard negatives (a list of (vector, key)), less those holding its own positive."""
+    return [v for v, k in (hard_negs or []) if keys is None or k != keys[i]]
+
+
+def loop_nce(a, b, i, temp, keys=None, hard_negs=None):
+    cols = candidates(len(a), i, keys)
+    row_ab = [dot(a[i], b[j]) / temp for j in cols] + [dot(a[i], v) / temp for v in hard(i, keys, hard_negs)]
+    row_ba = [dot(b[i], a[j]) / temp for j in cols]  # b→a: the queries only
+    ce = lambda row: torch.log(sum(torch.exp(x) for x in row)) - row[cols.index(i)]  # noqa: E731
     return 0.5 * (ce(row_ab) + ce(row_ba))
 
 
-def loop_triplet(a, b, i, margin, negatives="hardest"):
-    others = [j for j in range(len(a)) if j != i]
+def loop_triplet(a, b, i, margin, negatives="hardest", keys=None, hard_negs=None):
+    others = [dot(a[i], b[j]) for j in candidates(len(a), i, keys) if j != i]
+    others += [dot(a[i], v) for v in hard(i, keys, hard_negs)]
     if not others:
         return torch.zeros((), dtype=F64)
     pos = dot(a[i], b[i])
     if negatives == "hardest":
-        hardest = max((dot(a[i], b[j]) for j in others), key=lambda x: x.item())
+        hardest = max(others, key=lambda x: x.item())
         return torch.relu(margin - pos + hardest)
-    return sum(torch.relu(margin - pos + dot(a[i], b[j])) for j in others) / len(others)
+    return sum(torch.relu(margin - pos + s) for s in others) / len(others)
 
 
 def loop_rank(a, b, ids, scores, margin):
@@ -65,14 +76,15 @@ def loop_rank(a, b, ids, scores, margin):
     return sum(terms) / len(terms) if terms else torch.zeros((), dtype=F64)
 
 
-def loop_dle(a, b, ids, scores, weights, cfg: LossConfig):
-    """(L, [ℓ_i]) by the definition in DESIGN.md, one sample at a time."""
+def loop_dle(a, b, ids, scores, weights, cfg: LossConfig, keys=None, hard_negs=None):
+    """(L, [ℓ_i]) by the definition in DESIGN.md, one sample at a time; `keys`: equal keys are not
+    each other's negatives; `hard_negs`: [(vector, key)], extra candidates of every row."""
     ids, scores = ids.tolist(), scores.tolist()
     rank = loop_rank(a, b, ids, scores, cfg.rank_margin)
     per = []
     for i in range(len(a)):
         task = TASKS[ids[i]]
-        ell = loop_nce(a, b, i, cfg.temperature)
+        ell = loop_nce(a, b, i, cfg.temperature, keys, hard_negs)
         if cfg.kind is LossKind.DLE:
             pos = dot(a[i], b[i])
             if task == "text_pair":
@@ -81,7 +93,7 @@ def loop_dle(a, b, ids, scores, weights, cfg: LossConfig):
                 ell = ell + (1 - pos)
             else:
                 ell = ell + cfg.lambda_triplet[task] * loop_triplet(
-                    a, b, i, cfg.triplet_margin[task], cfg.triplet_negatives.value)
+                    a, b, i, cfg.triplet_margin[task], cfg.triplet_negatives.value, keys, hard_negs)
         per.append(ell)
     total = sum(weights[ids[i]] * per[i] for i in range(len(a))) / len(a)
     return total, per
@@ -193,6 +205,83 @@ def test_dle_value_and_gradient_match_float64_loop(case):
     assert stats.task_counts() == {t: ids.count(k) for k, t in enumerate(TASKS)}
     assert math.isclose(stats.task_weighted.sum().item(), loss.item(), rel_tol=1e-12)
     assert math.isclose(sum(stats.shares().values()), 1.0, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("negatives", ["hardest", "mean"])
+def test_duplicate_positives_are_masked_like_the_loop(negatives):
+    """Rows 0, 1 and 5 share a positive (VQA answers "yes"), rows 3 and 7 another: none is a
+    negative of the others, in InfoNCE's two directions and the triplet term; value and gradient
+    equal the float64 loop, whole or split over two workers."""
+    ids = [VQA1, VQA1, OCR, TP, VQAM, VQA1, INSTR, TP]
+    keys = [7, 7, 3, 1, 2, 7, 5, 1]
+    cfg = LossConfig(triplet_negatives=negatives)
+    a, b, ids_t, s = batch(ids, seed=21)
+    w = torch.tensor([0.27, 1.3, 1.0, 0.9, 0.8], dtype=F64)
+    keys_t = torch.tensor(keys)
+
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss, _ = dle_loss(a1, b1, ids_t, s, w, cfg, pos_keys=keys_t)
+    ga, gb = torch.autograd.grad(loss, (a1, b1))
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    want, _ = loop_dle(a2, b2, ids_t, s, w, cfg, keys)
+    wa, wb = torch.autograd.grad(want, (a2, b2))
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, wa, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gb, wb, rtol=1e-10, atol=1e-12)
+    unmasked, _ = loop_dle(a, b, ids_t, s, w, cfg)
+    assert abs(loss.item() - unmasked.item()) > 1e-6  # the mask changed something
+    off, _ = dle_loss(a, b, ids_t, s, w, LossConfig(triplet_negatives=negatives, mask_duplicates=False),
+                      pos_keys=keys_t)
+    torch.testing.assert_close(off, unmasked, rtol=1e-12, atol=1e-12)
+
+    parts = []
+    for lo, hi in [(0, 3), (3, 8)]:  # two "workers": their keys against the gathered ones
+        gbatch = GlobalBatch(a, b, ids_t, s, offset=lo, world_size=2, pos_keys=keys_t)
+        parts.append(dle_loss(a[lo:hi], b[lo:hi], ids_t[lo:hi], s[lo:hi], w, cfg, batch=gbatch,
+                              pos_keys=keys_t[lo:hi])[0])
+    torch.testing.assert_close(torch.stack(parts).mean(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("negatives", ["hardest", "mean"])
+def test_hard_negatives_join_the_candidates_like_the_loop(negatives):
+    """Five hard negatives (one equal to row 2's own positive: masked for it) as extra columns of
+    every row: value and gradient (of a, b and the negatives) equal the float64 loop, whole or
+    split over two workers; without keys none is masked."""
+    ids = [TP, OCR, VQA1, INSTR, VQAM, TP]
+    keys = torch.tensor([1, 2, 3, 4, 5, 6])
+    cfg = LossConfig(triplet_negatives=negatives)
+    a, b, ids_t, s = batch(ids, seed=23)
+    negs = F.normalize(b[:5].flip(0) + 0.5 * unit(5, 6, 24), dim=-1)
+    neg_keys = torch.tensor([9, 3, 8, 7, 9])  # the second holds row 2's positive
+    w = torch.tensor([0.27, 1.3, 1.0, 0.9, 0.8], dtype=F64)
+
+    leaves = [x.clone().requires_grad_() for x in (a, b, negs)]
+    loss, _ = dle_loss(leaves[0], leaves[1], ids_t, s, w, cfg, pos_keys=keys, negatives=leaves[2], neg_keys=neg_keys)
+    got = torch.autograd.grad(loss, leaves)
+    ref = [x.clone().requires_grad_() for x in (a, b, negs)]
+    want, _ = loop_dle(ref[0], ref[1], ids_t, s, w, cfg, keys.tolist(), list(zip(ref[2], neg_keys.tolist())))
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for g, r in zip(got, torch.autograd.grad(want, ref)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+    plain, _ = dle_loss(a, b, ids_t, s, w, cfg, negatives=negs)  # no keys: nothing masked
+    torch.testing.assert_close(plain, loop_dle(a, b, ids_t, s, w, cfg, hard_negs=[(v, None) for v in negs])[0],
+                               rtol=1e-12, atol=1e-12)
+    parts = []
+    for lo, hi in [(0, 4), (4, 6)]:
+        gbatch = GlobalBatch(a, b, ids_t, s, offset=lo, world_size=2, pos_keys=keys, negs=negs, neg_keys=neg_keys)
+        parts.append(dle_loss(a[lo:hi], b[lo:hi], ids_t[lo:hi], s[lo:hi], w, cfg, batch=gbatch, pos_keys=keys[lo:hi])[0])
+    torch.testing.assert_close(torch.stack(parts).mean(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_row_whose_every_candidate_is_its_own_positive():
+    """Two rows with one positive: no negative is left, InfoNCE is 0 and nothing is NaN."""
+    a, b, ids_t, s = batch([OCR, OCR], seed=22)
+    a1 = a.clone().requires_grad_()
+    loss, stats = dle_loss(a1, b, ids_t, s, torch.ones(5, dtype=F64), pos_keys=torch.tensor([4, 4]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(a1.grad).all()
+    assert stats.terms()["nce"] == pytest.approx(0.0, abs=1e-12) and stats.terms()["triplet"] == 0.0
 
 
 def test_stats_terms_are_raw_means():

@@ -51,13 +51,14 @@ def straight(tmp_path_factory, ray_session, data_root, init_model) -> Path:
 def test_run_directory_contract(straight):
     rows = steps(straight)
     assert [r["step"] for r in rows] == list(range(1, 7))
-    required = {"step", "epoch", "phase", "loss", "grad_norm", "samples_per_s"}
+    required = {"step", "epoch", "phase", "loss", "grad_norm", "samples_per_s", "masked_pairs"}
     for t in TASKS:
         required |= {f"weight/{t}", f"share/{t}", f"samples_seen/{t}"}
     assert required <= set(rows[-1])
     assert all(f"loss/{t}" in r for t in TASKS for r in rows[-2:]) or \
         all(any(f"loss/{t}" in r for r in rows) for t in TASKS)
     assert {"grad_norm/vision", "grad_norm/language", "grad_norm/pooling", "grad_norm/projection"} <= set(rows[-1])
+    assert rows[0]["params/trainable"] == rows[0]["params/total"] > 0 and "params/total" not in rows[1]
     assert (straight / "config.yaml").is_file() and (straight / "report.md").is_file()
     assert (straight / "plots" / "loss_per_task.png").is_file()
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000006"]
@@ -83,10 +84,27 @@ def test_saved_model_encodes(straight):
     assert v.shape == (1, model.embedding_dim)
 
 
-def test_resume_gives_the_same_run(tmp_path, ray_session, straight, data_root, init_model, capfd):
-    run = tmp_path / "split"
+@pytest.fixture(scope="module")
+def paused(tmp_path_factory, ray_session, data_root, init_model) -> Path:
+    """The straight run paused after step 3 on 2 workers: resumed on 2 workers and on 1 below
+    (each test resumes a copy of it)."""
+    run = tmp_path_factory.mktemp("runs") / "paused"
     assert train(run, data_root, init_model, "train.stop_after=3") == 0
     assert [r["step"] for r in steps(run)] == [1, 2, 3]
+    return run
+
+
+def resumable_copy(paused: Path, run: Path) -> Path:
+    """A copy of the paused run under another name: Ray Train names a run after its folder."""
+    import shutil
+
+    shutil.copytree(paused, run)
+    return run
+
+
+def test_resume_gives_the_same_run(tmp_path, ray_session, straight, paused, data_root, init_model, capfd):
+    run = resumable_copy(paused, tmp_path / "split")
+    capfd.readouterr()
     assert train(run, data_root, init_model) == 0
     assert "resumed from step 3" in capfd.readouterr().out
     a, b = steps(straight), steps(run)
@@ -120,11 +138,14 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, ray_session, data_ro
     assert rows[1]["bad_steps_total"] == 1
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3+lora"])
 def test_deepspeed_trains_and_resumes(tmp_path, ray_session, data_root, init_model, strategy, capfd, monkeypatch):
+    """ZeRO-2, ZeRO-3, and ZeRO-3 with LoRA adapters (merged at export from the gathered weights)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    run = tmp_path / strategy
-    sets = (f"train.strategy={strategy}", "train.max_steps=4", "train.checkpoint_every=2")
+    run = tmp_path / strategy.replace("+", "_")
+    strategy, _, lora = strategy.partition("+")
+    sets = (f"train.strategy={strategy}", "train.max_steps=4", "train.checkpoint_every=2",
+            f"model.lora.r={4 if lora else 0}")
     assert train(run, data_root, init_model, *sets, "train.stop_after=2") == 0
     assert train(run, data_root, init_model, *sets) == 0
     assert "resumed from step 2" in capfd.readouterr().out
@@ -134,6 +155,7 @@ def test_deepspeed_trains_and_resumes(tmp_path, ray_session, data_root, init_mod
     from vipoly.model import PolyEmbedder
 
     assert PolyEmbedder.from_pretrained(run / "model").encode(["ok"]).shape[0] == 1
+    assert (run / "model" / "adapter" / "adapter_config.json").is_file() == bool(lora)
 
 
 def test_bad_config_fails_before_any_worker(tmp_path, capsys):
@@ -151,9 +173,98 @@ def test_packed_sequences_train(tmp_path, ray_session, data_root, init_model):
     backward takes minutes on 2 cores; test_packing checks compiled layers.)"""
     run = tmp_path / "packed"
     assert train(run, data_root, init_model, "train.num_workers=1", "train.packed_sequences=true",
-                 "model.attn_implementation=vipoly_varlen", "train.max_steps=2", "train.checkpoint_every=2") == 0
+                 "model.attn_implementation=vipoly_varlen", "train.max_steps=2", "train.checkpoint_every=2",
+                 "data.negatives=1") == 0  # hard negatives packed with the sides
     rows = steps(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert all(r["candidates_per_query"] > 10 for r in rows)
+
+
+def test_frozen_parts_do_not_move(tmp_path, ray_session, data_root, init_model):
+    """model.freeze=[vision, embeddings] on 2 workers (DDP with no unused-parameter search): the
+    frozen tensors end bit for bit as they began, the optimizer holds none of them, and the first
+    metrics row counts the trainable parameters."""
+    import torch
+
+    from vipoly.model import PolyEmbedder
+    from vipoly.model.embedder import component_of
+
+    run = tmp_path / "frozen"
+    assert train(run, data_root, init_model, "model.freeze=[vision, embeddings]", "train.max_steps=2",
+                 "train.checkpoint_every=2") == 0
+    before, after = PolyEmbedder.from_pretrained(init_model), PolyEmbedder.from_pretrained(run / "model")
+    embeddings = before.backbone.get_input_embeddings().weight
+    frozen = {n for n, p in before.named_parameters() if component_of(n) == "vision" or p is embeddings}
+    a, b = dict(before.named_parameters()), dict(after.named_parameters())
+    assert frozen and all(torch.equal(a[n], b[n]) for n in frozen)
+    assert any(component_of(n) == "language" and not torch.equal(a[n], b[n]) for n in a if n not in frozen)
+    rows = steps(run)
+    assert rows[0]["params/total"] == sum(p.numel() for p in b.values())
+    assert rows[0]["params/trainable"] == sum(p.numel() for n, p in b.items() if n not in frozen)
+    assert "params/trainable" not in rows[1] and rows[-1]["grad_norm/vision"] == 0.0
+    opt = torch.load(run / "checkpoint-0000002" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert sum(len(g["params"]) for g in opt["param_groups"]) == len(a) - len(frozen)
+    saved = json.loads((run / "model" / "vipoly.json").read_text())["model"]
+    assert "freeze" not in saved  # a training setting: the next run from this folder trains it all
+
+
+def test_lora_trains_resumes_exactly_and_exports_merged(tmp_path, ray_session, data_root, init_model, capfd):
+    """model.lora.r=4: only the adapters and the heads train; 2 + 2 steps equal 4 straight ones;
+    checkpoints hold those weights alone; model/ is an ordinary folder (adapters merged: the same
+    embeddings as the LoRA model, within 1e-5, loading without peft), model/adapter/ peft's own."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vipoly.config import load_config
+    from vipoly.model import PolyEmbedder
+
+    sets = ("model.lora.r=4", "train.num_workers=1", "train.global_batch_size=20", "train.max_steps=4",
+            "train.checkpoint_every=2")
+    straight, split = tmp_path / "lora", tmp_path / "lora_split"
+    assert train(straight, data_root, init_model, *sets) == 0
+    assert train(split, data_root, init_model, *sets, "train.stop_after=2") == 0
+    capfd.readouterr()
+    assert train(split, data_root, init_model, *sets) == 0
+    assert "resumed from step 2" in capfd.readouterr().out
+    a, b = steps(straight), steps(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
+
+    ckpt = straight / "checkpoint-0000004"
+    trained = load_file(str(ckpt / "trainable.safetensors"))
+    assert not (ckpt / "model").exists() and trained
+    assert all(".lora_" in n or n.startswith(("pooling.", "projection.")) for n in trained)
+    assert a[0]["params/trainable"] == sum(t.numel() for t in trained.values()) < a[0]["params/total"]
+
+    lora = PolyEmbedder.build(load_config(straight / "config.yaml").model)
+    lora.load_state_dict(trained, strict=False)
+    merged = PolyEmbedder.from_pretrained(straight / "model")
+    texts = ["xin chào thế giới", "a cat on a mat", "mô hình nhúng"]
+    np_lora, np_merged = lora.eval().encode(texts), merged.eval().encode(texts)
+    assert torch.allclose(torch.as_tensor(np_lora), torch.as_tensor(np_merged), atol=1e-5)
+    assert "lora" not in json.loads((straight / "model" / "vipoly.json").read_text())["model"]
+    assert json.loads((straight / "model" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    no_peft = ("import sys; sys.modules['peft'] = None; from vipoly.model import PolyEmbedder; "
+               f"print(PolyEmbedder.from_pretrained({str(straight / 'model')!r}).encode(['ok']).shape)")
+    done = subprocess.run([sys.executable, "-c", no_peft], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_hard_negatives_are_gathered_candidates(tmp_path, ray_session, straight, data_root, init_model):
+    """data.negatives=2 on 2 workers: each step's queries are scored against the 20 positives and
+    every worker's hard negatives (the synthetic image tasks carry one each), and the run trains."""
+    run = tmp_path / "negatives"
+    assert train(run, data_root, init_model, "data.negatives=2", "train.max_steps=2", "train.checkpoint_every=2") == 0
+    rows, plain = steps(run), steps(straight)
+    seen = rows[-1]
+    image_rows = sum(seen[f"samples_seen/{t}"] for t in ("ocr", "vqa_single", "vqa_multi"))  # one negative each
+    assert sum(r["candidates_per_query"] for r in rows) == 2 * 20 + image_rows
+    assert all(r["candidates_per_query"] > 20 for r in rows) and plain[0]["candidates_per_query"] == 20
+    assert all(r["loss"] == r["loss"] for r in rows) and rows[0]["loss"] != plain[0]["loss"]
 
 
 def test_unplaceable_workers_are_named_before_the_wait(ray_session, capsys):
@@ -178,9 +289,9 @@ def test_one_worker_trains_on_the_same_samples_as_two(tmp_path, ray_session, str
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
 
 
-def test_paused_on_two_workers_resumes_on_one(tmp_path, ray_session, straight, data_root, init_model, capfd):
-    run = tmp_path / "elastic"
-    assert train(run, data_root, init_model, "train.stop_after=3") == 0
+def test_paused_on_two_workers_resumes_on_one(tmp_path, ray_session, straight, paused, data_root, init_model, capfd):
+    run = resumable_copy(paused, tmp_path / "elastic")
+    capfd.readouterr()
     assert train(run, data_root, init_model, "train.num_workers=1") == 0  # G = 20 kept from plan.json
     out = capfd.readouterr().out
     assert "resumed from step 3" in out and "1 worker(s) × 1 × 20" in out

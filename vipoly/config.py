@@ -64,6 +64,28 @@ class ProjectionConfig(Strict):
         return self
 
 
+LANGUAGE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]  # a Qwen2-VL vision block's attention and MLP
+
+
+class LoraConfig(Strict):
+    """Low-rank adapters (LoRA, Hu et al. 2021; through `peft`) on the backbone, whose own weights
+    then stay frozen; the pooling head and the projection always train fully. Training only: the
+    exported model/ has the adapters merged (an ordinary PolyEmbedder folder), model/adapter/ holds
+    them alone in peft's format."""
+
+    r: int = Field(0, ge=0)
+    """Rank of each adapter; 0 = no LoRA (full fine-tuning). VLM2Vec trains Qwen2-VL-2B at r = 16."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: an adapter adds (alpha / r)·B·A to its layer's weight."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapters' input while training."""
+    target_modules: list[str] = LANGUAGE_LORA_TARGETS
+    """Names of the language model's linear layers that get adapters (default: attention and MLP)."""
+    vision: bool = False
+    """Also adapt the vision tower's blocks (their `qkv`, `proj`, `fc1`, `fc2`)."""
+
+
 class ModelConfig(Strict):
     backbone: str = "Qwen/Qwen2-VL-2B-Instruct"
     """Hub id or local folder of a Qwen2-VL checkpoint (or a PolyEmbedder directory)."""
@@ -84,6 +106,12 @@ class ModelConfig(Strict):
     image_max_pixels: int = Field(448 * 448, ge=28 * 28)
     """Images are resized so that h·w stays under this (Qwen2-VL dynamic resolution)."""
     image_min_pixels: int = Field(28 * 28, ge=4)
+    lora: LoraConfig = LoraConfig()
+    freeze: list[Literal["vision", "language", "embeddings"]] = []
+    """Backbone parts that do not train: no gradient at all (not merely lr 0), no optimizer state,
+    nothing for DDP to reduce. `language` is the language model less its input embeddings,
+    `embeddings` those (the task tokens' rows too). The pooling head and the projection always
+    train. A training setting: not saved with the model."""
 
     @model_validator(mode="after")
     def _pixels(self):
@@ -118,6 +146,10 @@ class LossConfig(Strict):
     triplet_negatives: TripletNegatives = TripletNegatives.HARDEST
     gather_negatives: bool = True
     """Use the whole global batch (all workers, with gradients) as InfoNCE/triplet negatives."""
+    mask_duplicates: bool = True
+    """Never use a positive as a negative of a row whose own positive has the same text and image
+    bytes (VQA answers "yes" twice in a batch, two questions on one paragraph): masked out of
+    InfoNCE (both directions) and the triplet term. `masked_pairs` in metrics.jsonl counts them."""
 
     @field_validator("lambda_triplet", "triplet_margin")
     @classmethod
@@ -178,6 +210,10 @@ class DataConfig(Strict):
     """Lanes of the global sample order (MosaicML's canonical nodes): a run gives the same samples
     at every step, and resumes, on any number of workers that divides both this and the
     contrastive batch (train.global_batch_size / train.grad_accum)."""
+    negatives: int = Field(0, ge=0)
+    """Hard negatives: up to N of each row's `neg_text` become extra candidates of every query of the
+    global batch (InfoNCE's denominator, the triplet's hardest negative), embedded in the same
+    forward pass and gathered across workers like positives; 0 = off."""
     read_ahead: int = Field(2, ge=1)
     """Micro-batches selected and decoding (images in Ray tasks) ahead of the one training: what
     overlaps image decoding with the step, and bounds the encoded patches held."""

@@ -4,7 +4,8 @@ Rows come from `vipoly.data.encode` (`encode_table` in a Ray Data stage; `row_ha
 `table_rows` dicts on the consumer side): each side (query, positive) holds `q_<key>` / `p_<key>`
 numpy arrays in the `InputBuilder.encode_one` layout. `collate_pairs` pads both sides as
 `InputBuilder.pad` does and adds `task_ids` (B,) long in TASKS order, `scores` (B,) float32 with
-NaN where a row has no score, and the rows' `lang` and `id`.
+NaN where a row has no score, `pos_key` (B,) long (equal positives, equal keys: the loss masks
+them as negatives of each other), and the rows' `lang` and `id`.
 
 Rows that are `BlockRow` handles (what the training stream yields) give their sides and labels
 straight from their blocks' columns, with no dict per row and key.
@@ -24,7 +25,8 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from vipoly.data.encode import ENCODED_KEYS, SIDES, BlockRow, load_builder, row_handles
 from vipoly.tasks import TASK_INDEX
 
-__all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "load_builder", "pad_sides", "pair_labels", "sides"]
+__all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "hard_negatives", "load_builder", "pad_sides",
+           "pair_labels", "sides"]
 
 
 _SIDE_KEYS = {side: [(k, f"{side}_{k}") for k in ENCODED_KEYS] for side in SIDES}
@@ -38,13 +40,14 @@ def _side(row: Mapping[str, Any], side: str) -> dict[str, Any]:
 
 def pair_labels(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     """What a batch carries besides the inputs: task_ids (B,) long in TASKS order, scores (B,)
-    float32 with NaN = no score, lang and id lists."""
+    float32 with NaN = no score, pos_key (B,) long, lang and id lists."""
     if not rows:
         raise ValueError("collate_pairs: no rows")
     if all(type(r) is BlockRow for r in rows):  # straight from the blocks' columns (str lists)
         return {
             "task_ids": torch.tensor([r.block.task_index[r.i] for r in rows], dtype=torch.int64),
             "scores": torch.from_numpy(np.array([r.block.score[r.i] for r in rows], dtype=np.float32)),
+            "pos_key": torch.from_numpy(np.array([r.block.p_key[r.i] for r in rows], dtype=np.int64)),
             "lang": [r.block.lang[r.i] for r in rows],
             "id": [r.block.id[r.i] for r in rows],
         }
@@ -53,6 +56,7 @@ def pair_labels(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "task_ids": torch.from_numpy(np.fromiter((TASK_INDEX[str(t)] for t in tasks), np.int64, len(rows))),
         "scores": torch.from_numpy(np.asarray(scores, dtype=np.float32)),
+        "pos_key": torch.from_numpy(np.asarray([r["p_key"] for r in rows], dtype=np.int64)),
         "lang": [str(x) for x in lang],
         "id": [str(x) for x in ids],
     }
@@ -82,12 +86,33 @@ def _text_ids(rows: list[Mapping[str, Any]], names: tuple[str, ...]) -> list[np.
     return ids
 
 
-def pad_sides(rows: list[Mapping[str, Any]], builder, names: tuple[str, ...] = tuple(SIDES)) -> dict[str, Any]:
-    """`builder.pad` of sides `names` of the rows (queries, then positives)."""
+def pad_sides(rows: list[Mapping[str, Any]], builder, names: tuple[str, ...] = tuple(SIDES),
+              extra: list[np.ndarray] | tuple = ()) -> dict[str, Any]:
+    """`builder.pad` of sides `names` of the rows (queries, then positives), then of the text-only
+    inputs `extra` (their input_ids: the hard negatives)."""
     ids = _text_ids(rows, names)
     if ids is not None:
-        return builder.pad_ids(ids)
-    return builder.pad([_side(r, s) for s in names for r in rows])
+        return builder.pad_ids(ids + list(extra))
+    return builder.pad([_side(r, s) for s in names for r in rows] + [{"input_ids": x} for x in extra])
+
+
+def hard_negatives(rows: list[Mapping[str, Any]], n: int, model_dir: str) -> dict[str, Any]:
+    """Up to `n` of each row's neg_text (`data.negatives`), tokenised as positives are (the row's
+    task prefix, one batched call): {"input_ids": [int32 arrays], "neg_owner": (M,) long, the row
+    of each, "neg_key": (M,) long, `positive_keys` of their texts}. A row with fewer negatives
+    gives fewer: no candidate is padding."""
+    from vipoly.data.encode import positive_keys, text_encoder
+
+    texts, tasks, owners = [], [], []
+    for i, r in enumerate(rows):
+        negs = r.block.negatives(r.i) if type(r) is BlockRow else (r.get("neg_text") or [])
+        for text in negs[:n]:
+            texts.append(text)
+            tasks.append(str(r["task"]))
+            owners.append(i)
+    ids = [np.asarray(x, dtype=np.int32) for x in text_encoder(model_dir).encode(texts, tasks)] if texts else []
+    return {"input_ids": ids, "neg_owner": torch.tensor(owners, dtype=torch.int64),
+            "neg_key": torch.from_numpy(positive_keys(texts, [None] * len(texts)))}
 
 
 def collate_pairs(rows: list[Mapping[str, Any]], builder) -> dict[str, Any]:

@@ -64,6 +64,9 @@ class ConvertOptions:
     """hf: the split of a DatasetDict to read; None = all splits."""
     labels: dict[str, float] = field(default_factory=dict)
     """pairs: extra label → score entries (beside numbers and the NLI names)."""
+    negatives: int = 0
+    """squad: up to N other paragraphs of the question's article as its hard negatives (neg_text),
+    the ones after its own, in order; 0 = none."""
 
     def __post_init__(self):
         check_task(self.task)
@@ -316,8 +319,11 @@ def _squad(unit, opts, task) -> Iterator[dict[str, Any]]:
     lang = None
     n = 0
     for article in articles:
-        for paragraph in article.get("paragraphs", []):
+        paragraphs = article.get("paragraphs", [])
+        contexts = [p.get("context") for p in paragraphs]
+        for at, paragraph in enumerate(paragraphs):
             context = paragraph.get("context")
+            others = [c for c in contexts[at + 1:] + contexts[:at] if c and c != context][:opts.negatives]
             for qa in paragraph.get("qas", []):
                 n += 1
                 lang = lang or _lang_for(path, opts, qa.get("question") or context)
@@ -329,7 +335,8 @@ def _squad(unit, opts, task) -> Iterator[dict[str, Any]]:
                     continue
                 yield _staged(source, None if qid else "missing id",
                               id=f"{qid}-{lang}" if qid else None, task=task, lang=lang,
-                              query_text=qa.get("question"), pos_text=context, score=_pair_score(task))
+                              query_text=qa.get("question"), pos_text=context, score=_pair_score(task),
+                              neg_text=others)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -10,6 +10,10 @@ Both sides of a row (query, positive) become the `InputBuilder.encode_one` layou
     q_pixel_values, p_pixel_values              large_list<float32>, the (P, C·T·p·p) patches flattened
     q_image_grid_thw, p_image_grid_thw          list<int64>, the (k, 3) grids flattened
     id, task, lang (as read), score float32 (NaN = none)
+    p_key                                       int64, a hash of the positive's text and image bytes:
+                                                equal positives, equal keys (`positive_keys`)
+    neg_text                                    list<string>, as read: the hard negatives, tokenised
+                                                by the collate when `data.negatives` asks for them
 
 Why this shape:
 - Text sides, most of the data, are tokenised in one batched call of the Rust tokenizer
@@ -116,6 +120,8 @@ def encode_table(table: pa.Table, model_dir: str) -> pa.Table:
                                     "lang": table.column("lang")}
     score = table.column("score") if "score" in table.column_names else pa.nulls(n, pa.float32())
     columns["score"] = pc.fill_null(pc.cast(score, pa.float32()), float("nan"))
+    columns["neg_text"] = table.column("neg_text") if "neg_text" in table.column_names else \
+        pa.array([[]] * n, pa.list_(pa.string()))
     for side, (text_key, image_key) in SIDES.items():
         texts = table.column(text_key).to_pylist() if text_key in table.column_names else [None] * n
         images = table.column(image_key).to_pylist() if image_key in table.column_names else [None] * n
@@ -124,7 +130,25 @@ def encode_table(table: pa.Table, model_dir: str) -> pa.Table:
             raise ValueError(f"row {table.column('id')[empty[0]].as_py()!r}: {text_key} and {image_key} "
                              f"are both empty ({len(empty)} such rows in this block)")
         columns.update(_encode_side(side, texts, images, tasks, str(model_dir)))
+        if side == "p":
+            columns["p_key"] = pa.array(positive_keys(texts, images), pa.int64())
     return pa.table(columns)
+
+
+def positive_keys(texts: list[str | None], images: list[list[bytes] | None]) -> np.ndarray:
+    """One int64 per row, equal for rows whose positives have the same text and the same image
+    bytes: the loss does not use such a positive as a negative of the other row (`loss.mask_duplicates`)."""
+    import hashlib
+
+    keys = np.empty(len(texts), dtype=np.int64)
+    for i, (text, imgs) in enumerate(zip(texts, images)):
+        h = hashlib.blake2b(digest_size=8)
+        h.update((text or "").encode())
+        for img in imgs or ():
+            h.update(len(img).to_bytes(8, "little"))  # lengths too: ("ab", "c") is not ("a", "bc")
+            h.update(img)
+        keys[i] = int.from_bytes(h.digest(), "little", signed=True)
+    return keys
 
 
 def has_images(table: pa.Table) -> bool:
@@ -221,6 +245,9 @@ class EncodedBlock:
         self.num_rows = table.num_rows
         self.id, self.task, self.lang = (table.column(k).to_pylist() for k in ("id", "task", "lang"))
         self.score = table.column("score").to_numpy()
+        self.p_key = table.column("p_key").to_numpy()
+        self._neg_column = table.column("neg_text")
+        self._neg: list[list[str]] | None = None  # made on the first `negatives` call
         self.lists = {f"{side}_{k}": ListColumn(table.column(f"{side}_{k}")) for side in SIDES for k in ENCODED_KEYS}
         self.has_images = {side: len(self.lists[f"{side}_image_grid_thw"].values) > 0 for side in SIDES}
         self.views: dict[str, list[np.ndarray]] = {}  # side → its input_ids view per row (`token_views`)
@@ -244,6 +271,12 @@ class EncodedBlock:
             views = self.views[side] = [values[a:b] for a, b in zip(offsets, offsets[1:])]
         return views
 
+    def negatives(self, i: int) -> list[str]:
+        """Row i's hard negatives (neg_text), all of them."""
+        if self._neg is None:
+            self._neg = self._neg_column.to_pylist()
+        return self._neg[i] or []
+
     def rows(self) -> list["BlockRow"]:
         return [BlockRow(self, i) for i in range(self.num_rows)]
 
@@ -265,7 +298,8 @@ class EncodedBlock:
         """Row i as a dict (the `table_rows` layout)."""
         score = self.score[i]
         row = {"id": self.id[i], "task": self.task[i], "lang": self.lang[i],
-               "score": None if np.isnan(score) else float(score)}
+               "score": None if np.isnan(score) else float(score), "p_key": int(self.p_key[i]),
+               "neg_text": self.negatives(i)}
         for side in SIDES:
             row.update((f"{side}_{k}", v) for k, v in self.side(i, side).items())
         return row
@@ -319,9 +353,10 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- pre-encoded text
-ENCODING_VERSION = 2  # bump when the encoded layout changes: old copies then stop matching
+ENCODING_VERSION = 3  # bump when the encoded layout changes: old copies then stop matching
 # 2: one row group per row group of the source file (the global order reads row groups by their
 #    place in the source, vipoly.data.plan), where 1 wrote 4,096-row groups.
+# 3: the p_key column (false-negative masking).
 
 
 def fingerprint(model_dir: str | Path) -> str:

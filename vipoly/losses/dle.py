@@ -18,6 +18,12 @@ Design choices:
 - Cross-worker negatives: the caller passes the gathered batch (`GlobalBatch`); this module never
   calls torch.distributed. See `vipoly.losses.gather` for the gathering and for why the loss of a
   worker is scaled by the world size.
+- Hard negatives (`negatives`, (M, D)): extra columns after the positives. They join a→b InfoNCE's
+  denominator and the triplet's candidates; b→a stays over the queries. The similarity matrix is
+  then (R, N + M).
+- False negatives: with `pos_keys` (equal positives, equal keys) and `cfg.mask_duplicates`, column
+  j is no candidate for row i ≠ j when b_j equals b_i: such a b_j is a positive of a_i, and a_j one
+  of b_i. The masked similarities are −∞ before InfoNCE and the triplet's hardest negative.
 - Embeddings in fp16/bf16 are upcast to fp32: with T = 0.07 the logits reach ±14, where bf16 keeps
   only about two decimal digits.
 """
@@ -123,6 +129,9 @@ class GlobalBatch:
     scores: Tensor  # (N,)
     offset: int
     world_size: int
+    pos_keys: Tensor | None = None  # (N,) int64: equal positives, equal keys (None: no masking)
+    negs: Tensor | None = None  # (M, D) hard negatives of all workers (gathered with gradients)
+    neg_keys: Tensor | None = None  # (M,) their keys
 
 
 # ---------------------------------------------------------------- per-task recipe vectors
@@ -185,7 +194,9 @@ def _as_float(x: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- the loss
 def dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor,
-             cfg: LossConfig | None = None, *, batch: GlobalBatch | None = None) -> tuple[Tensor, DLEStats]:
+             cfg: LossConfig | None = None, *, batch: GlobalBatch | None = None,
+             pos_keys: Tensor | None = None, negatives: Tensor | None = None,
+             neg_keys: Tensor | None = None) -> tuple[Tensor, DLEStats]:
     """The DLE batch loss L = (1/B) Σ_i λ_{t(i)} ℓ_i (module docstring), and its `DLEStats`.
 
     a, b: (B, D) L2-normalised query / positive embeddings (not re-normalised here).
@@ -197,26 +208,42 @@ def dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weight
         W · (1/B) Σ_{i local} λ_{t(i)} (ℓ_i − [text_pair] λ_rank R)
           + (1/B) Σ_{j global, text_pair} λ_{t(j)} λ_rank R
     whose mean over workers is L and whose DDP-averaged gradient is ∇L (see `gather.py`).
+    pos_keys: (B,) int64 keys of the positives (this worker's rows; `batch.pos_keys` the global
+    ones): with `cfg.mask_duplicates`, equal keys are not each other's negatives.
+    negatives, neg_keys: (M, D) hard negatives and their keys (`batch.negs` when gathered): extra
+    candidates of every row; a row's own positive among them is masked like a duplicate.
     """
     cfg = cfg or LossConfig()
     a, b = _as_float(a), _as_float(b)
     task_weights = torch.as_tensor(task_weights, dtype=a.dtype, device=a.device)
     _check_inputs(a, b, task_ids, scores, task_weights)
     rows = len(a)
-    if batch is None:
-        batch = GlobalBatch(a, b, task_ids, scores, offset=0, world_size=1)
-        sim_ab = a @ b.T
-        sim_ba = None  # b_i·a_j = S[j, i]: the one matrix serves both directions
-    else:
-        batch = dataclasses.replace(batch, a=_as_float(batch.a), b=_as_float(batch.b))
-        if batch.a.shape[1] != a.shape[1] or not 0 <= batch.offset <= len(batch.a) - rows:
-            raise ValueError(f"global batch {tuple(batch.a.shape)} at offset {batch.offset} does not "
-                             f"contain the local rows {tuple(a.shape)}")
-        sim_ab = a @ batch.b.T
-        sim_ba = b @ batch.a.T
+    local = batch is None
+    if local:
+        batch = GlobalBatch(a, b, task_ids, scores, offset=0, world_size=1, pos_keys=pos_keys,
+                            negs=negatives, neg_keys=neg_keys)
+    elif batch.a.shape[1] != a.shape[1] or not 0 <= batch.offset <= len(batch.a) - rows:
+        raise ValueError(f"global batch {tuple(batch.a.shape)} at offset {batch.offset} does not "
+                         f"contain the local rows {tuple(a.shape)}")
+    negs = None if batch.negs is None else _as_float(batch.negs)
+    batch = dataclasses.replace(batch, a=_as_float(batch.a), b=_as_float(batch.b), negs=negs)
     n = len(batch.a)
+    sim_ab = a @ (batch.b if negs is None else torch.cat([batch.b, negs])).T  # (R, N + M)
+    if not local:
+        sim_ba = b @ batch.a.T
+    else:  # b_i·a_j = S[j, i]: the one matrix serves both directions (Sᵀ, or its positives' part)
+        sim_ba = None if negs is None else sim_ab[:, :n].T
     targets = batch.offset + torch.arange(rows, device=a.device)
     weight = task_weights[task_ids]  # λ_{t(i)} per row
+    same = None
+    if cfg.mask_duplicates and pos_keys is not None and batch.pos_keys is not None:
+        if negs is not None and batch.neg_keys is None:
+            raise ValueError("dle_loss: hard negatives need their keys (neg_keys) when positives have keys")
+        keys = batch.pos_keys if negs is None else torch.cat([batch.pos_keys, batch.neg_keys])
+        same = duplicate_mask(pos_keys, keys, targets)  # (R, N + M) bool
+        sim_ab = sim_ab.masked_fill(same, float("-inf"))
+        if sim_ba is not None:  # b_i·a_j: a_j is a positive of b_i when b_j equals b_i
+            sim_ba = sim_ba.masked_fill(same[:, :n], float("-inf"))
 
     nce = infonce_sim(sim_ab, sim_ba, targets, cfg.temperature)
     if cfg.kind is LossKind.INFONCE:
@@ -227,7 +254,7 @@ def dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weight
         score_on = table.score[task_ids]
         _check_scores(scores, score_on)
         cos_on, trip_on = table.cos[task_ids], table.triplet[task_ids]
-        pos, trip = _positives_and_triplet(sim_ab, targets, table.margin[task_ids], cfg.triplet_negatives)
+        pos, trip = _positives_and_triplet(sim_ab, targets, table.margin[task_ids], cfg.triplet_negatives, same)
         mse = score_mse_pos(pos, torch.where(score_on > 0, scores, torch.zeros_like(scores)))
         cos = cosine_pos(pos)
         # R couples every text_pair pair of the *global* batch, so each worker computes it whole
@@ -259,14 +286,23 @@ def dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weight
     return loss, stats
 
 
-def _positives_and_triplet(sim_ab: Tensor, targets: Tensor, margin: Tensor,
-                           negatives: TripletNegatives) -> tuple[Tensor, Tensor]:
+def _positives_and_triplet(sim_ab: Tensor, targets: Tensor, margin: Tensor, negatives: TripletNegatives,
+                           masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(a_i·b_i, triplet_i) for each row; the default (hardest) path reads both similarities with
-    one gather, so the (R, N) similarity matrix gets one extra gradient pass for all of DLE."""
+    one gather, so the (R, N) similarity matrix gets one extra gradient pass for all of DLE.
+    `masked` (R, N): columns that are no negative of the row (their similarity is −∞ already)."""
     if negatives is TripletNegatives.HARDEST and sim_ab.shape[1] >= 2:
         pos, neg = sim_ab.gather(1, torch.stack([targets, hardest_negatives(sim_ab, targets)], 1)).unbind(1)
-        return pos, triplet_hinge(pos, neg, margin)
-    return sim_ab.gather(1, targets[:, None]).squeeze(1), triplet_sim(sim_ab, targets, margin, negatives)
+        return pos, triplet_hinge(pos, neg, margin)  # a row with no negative left: neg = −∞, hinge 0
+    excluded = None if masked is None else masked.sum(1)
+    return sim_ab.gather(1, targets[:, None]).squeeze(1), triplet_sim(sim_ab, targets, margin, negatives, excluded)
+
+
+def duplicate_mask(keys: Tensor, all_keys: Tensor, targets: Tensor) -> Tensor:
+    """(R, N) bool: column j holds the same positive as row i (equal keys), j not i's own column."""
+    same = keys[:, None] == all_keys[None, :]
+    same[torch.arange(len(keys), device=keys.device), targets] = False
+    return same
 
 
 def _check_scores(scores: Tensor, score_on: Tensor) -> None:
@@ -280,7 +316,9 @@ def _check_scores(scores: Tensor, score_on: Tensor) -> None:
 
 def matryoshka_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor,
                         cfg: LossConfig | None = None, dims: list[int] | tuple[int, ...] = (1024, 512, 256, 128),
-                        *, batch: GlobalBatch | None = None) -> tuple[Tensor, DLEStats]:
+                        *, batch: GlobalBatch | None = None, pos_keys: Tensor | None = None,
+                        negatives: Tensor | None = None, neg_keys: Tensor | None = None
+                        ) -> tuple[Tensor, DLEStats]:
     """Matryoshka DLE (Kusupati et al. 2022): the mean over d ∈ dims of `dle_loss` on the first d
     coordinates, re-normalised (a prefix of a unit vector is not a unit vector), so that truncated
     embeddings stay useful. Stats are the field-wise mean over the prefixes (their weighted parts
@@ -294,9 +332,11 @@ def matryoshka_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, 
         sub = None
         if batch is not None:
             sub = dataclasses.replace(batch, a=F.normalize(batch.a[:, :d], dim=-1),
-                                      b=F.normalize(batch.b[:, :d], dim=-1))
+                                      b=F.normalize(batch.b[:, :d], dim=-1),
+                                      negs=None if batch.negs is None else F.normalize(batch.negs[:, :d], dim=-1))
         loss, st = dle_loss(F.normalize(a[:, :d], dim=-1), F.normalize(b[:, :d], dim=-1), task_ids, scores,
-                            task_weights, cfg, batch=sub)
+                            task_weights, cfg, batch=sub, pos_keys=pos_keys, neg_keys=neg_keys,
+                            negatives=None if negatives is None else F.normalize(negatives[:, :d], dim=-1))
         losses.append(loss)
         stats.append(st)
     return torch.stack(losses).mean(), DLEStats.mean(stats)

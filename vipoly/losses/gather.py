@@ -89,7 +89,9 @@ def gather(x: Tensor, sizes: list[int] | None = None) -> Tensor:
 
 
 def global_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor,
-                    cfg: LossConfig | None = None, *, dims: list[int] | None = None) -> tuple[Tensor, DLEStats]:
+                    cfg: LossConfig | None = None, *, dims: list[int] | None = None,
+                    pos_keys: Tensor | None = None, negatives: Tensor | None = None,
+                    neg_keys: Tensor | None = None) -> tuple[Tensor, DLEStats]:
     """`dle_loss` (or `matryoshka_dle_loss` when `dims` is given) with negatives from every worker.
 
     Inputs are this worker's rows. Returns (loss, stats) where `loss` is scaled as the module
@@ -102,13 +104,42 @@ def global_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task
     cfg = cfg or LossConfig()
     loss_fn = dle_loss if dims is None else functools.partial(matryoshka_dle_loss, dims=dims)
     if not (cfg.gather_negatives and is_distributed()):
-        return loss_fn(a, b, task_ids, scores, task_weights, cfg)
+        return loss_fn(a, b, task_ids, scores, task_weights, cfg, pos_keys=pos_keys, negatives=negatives,
+                       neg_keys=neg_keys)
     sizes = batch_sizes(len(a), a.device)
     rank = dist.get_rank()
+    negs = keys = None
+    if negatives is not None:  # every rank passes them or none does (data.negatives is shared)
+        neg_sizes = batch_sizes(len(negatives), a.device)
+        if sum(neg_sizes):
+            negs = gather_with_grad(negatives, neg_sizes)
+            keys = None if neg_keys is None else gather(neg_keys, neg_sizes)
     batch = GlobalBatch(a=gather_with_grad(a, sizes), b=gather_with_grad(b, sizes),
                         task_ids=gather(task_ids, sizes), scores=gather(scores, sizes),
-                        offset=sum(sizes[:rank]), world_size=len(sizes))
-    return loss_fn(a, b, task_ids, scores, task_weights, cfg, batch=batch)
+                        offset=sum(sizes[:rank]), world_size=len(sizes),
+                        pos_keys=None if pos_keys is None else gather(pos_keys, sizes), negs=negs, neg_keys=keys)
+    return loss_fn(a, b, task_ids, scores, task_weights, cfg, batch=batch, pos_keys=pos_keys)
+
+
+def candidates(pos_keys: Tensor, neg_keys: Tensor | None = None, cfg: LossConfig | None = None) -> Tensor:
+    """The keys of the columns this worker's rows are scored against, as `global_dle_loss` lays
+    them out: every worker's positives, then every worker's hard negatives (or the local ones)."""
+    cfg = cfg or LossConfig()
+    if cfg.gather_negatives and is_distributed():
+        pos_keys = gather(pos_keys, batch_sizes(len(pos_keys), pos_keys.device))
+        if neg_keys is not None:
+            neg_keys = gather(neg_keys, batch_sizes(len(neg_keys), neg_keys.device))
+    return pos_keys if neg_keys is None else torch.cat([pos_keys, neg_keys])
+
+
+def masked_pairs(pos_keys: Tensor, columns: Tensor, cfg: LossConfig | None = None) -> Tensor:
+    """How many (row, column) pairs of this worker's rows `loss.mask_duplicates` masks: columns
+    (keys from `candidates`) holding the row's positive, its own excepted. Sum it over workers for
+    the step's count. 0 when masking is off."""
+    cfg = cfg or LossConfig()
+    if not cfg.mask_duplicates:
+        return torch.zeros((), dtype=torch.int64, device=pos_keys.device)
+    return (pos_keys[:, None] == columns[None, :]).sum() - len(pos_keys)
 
 
 def reduce_stats(stats: DLEStats) -> DLEStats:

@@ -120,12 +120,13 @@ def triplet_hinge(pos: Tensor, neg: Tensor, margin: Tensor | float) -> Tensor:
 
 
 def triplet_sim(sim_ab: Tensor, targets: Tensor, margin: Tensor | float,
-                negatives: Negatives | str = Negatives.HARDEST) -> Tensor:
+                negatives: Negatives | str = Negatives.HARDEST, excluded: Tensor | None = None) -> Tensor:
     """Triplet hinge from similarities: sim_ab (R, N) = a_i·b_j, targets (R,) the positive's column,
     margin a float or (R,) per-row margins. Returns (R,):
         hardest: max(0, m_i − a_i·b_i + max_{j≠i} a_i·b_j)
         mean:    mean_{j≠i} max(0, m_i − a_i·b_i + a_i·b_j)
-    A row with no negative (N = 1) gets 0.
+    A row with no negative (N = 1) gets 0. Columns masked out to −∞ (false negatives) add nothing;
+    `excluded` (R,) counts them, so that the mean runs over the row's real negatives.
     """
     negatives = Negatives(negatives)
     margin = torch.as_tensor(margin, dtype=sim_ab.dtype, device=sim_ab.device)
@@ -140,7 +141,8 @@ def triplet_sim(sim_ab: Tensor, targets: Tensor, margin: Tensor | float,
     hinge = torch.relu(margin[:, None] - pos[:, None] + sim_ab)
     # Drop j = i by subtracting its term (= max(0, m_i)) rather than masking: exact in value and gradient.
     own = hinge.gather(1, targets[:, None]).squeeze(1)
-    return (hinge.sum(dim=1) - own) / (sim_ab.shape[1] - 1)
+    count = sim_ab.shape[1] - 1 - (0 if excluded is None else excluded)
+    return (hinge.sum(dim=1) - own) / torch.as_tensor(count, dtype=sim_ab.dtype, device=sim_ab.device).clamp(min=1)
 
 
 def triplet(a: Tensor, b: Tensor, margin: Tensor | float,

@@ -281,15 +281,71 @@ class PolyEmbedder(nn.Module):
         """A PolyEmbedder dir in `model_cfg.backbone` → `from_pretrained` (with `model_cfg`'s explicitly
         set fields applied); else a Qwen2-VL checkpoint (hub id or folder) with fresh heads."""
         if is_polyembedder_dir(model_cfg.backbone):
-            return cls.from_pretrained(model_cfg.backbone, model_cfg)
-        processor = load_processor(model_cfg.backbone)
-        backbone = load_backbone(model_cfg.backbone, model_cfg.attn_implementation, model_cfg.dtype)
-        if model_cfg.task_tokens:
-            add_task_tokens(backbone, processor, [prefix(t).strip() for t in TASKS])
-        model = cls(backbone, processor, model_cfg, name="vipoly-" + Path(model_cfg.backbone.rstrip("/")).name)
-        if model_cfg.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+            model = cls.from_pretrained(model_cfg.backbone, model_cfg)
+        else:
+            processor = load_processor(model_cfg.backbone)
+            backbone = load_backbone(model_cfg.backbone, model_cfg.attn_implementation, model_cfg.dtype)
+            if model_cfg.task_tokens:
+                add_task_tokens(backbone, processor, [prefix(t).strip() for t in TASKS])
+            model = cls(backbone, processor, model_cfg, name="vipoly-" + Path(model_cfg.backbone.rstrip("/")).name)
+            if model_cfg.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+        if model_cfg.lora.r:
+            model.add_lora(model_cfg.lora)
+        model.freeze(model_cfg.freeze)
         return model
+
+    def add_lora(self, lora) -> None:
+        """Adapters on the backbone's target layers (`model.lora`, through peft), put in place: the
+        parameter names keep their `backbone.` prefix (components, optimizer groups, gradient
+        norms), and every other backbone weight stops training."""
+        import re
+
+        import peft
+
+        from vipoly.config import VISION_LORA_TARGETS
+
+        pattern = rf"language_model\..*\.({'|'.join(map(re.escape, lora.target_modules))})"
+        if lora.vision:
+            pattern += rf"|visual\.blocks\..*\.({'|'.join(VISION_LORA_TARGETS)})"
+        config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=pattern, bias="none")
+        # Kept beside the modules, not among them: its parameters are the backbone's own.
+        object.__setattr__(self, "_peft", peft.get_peft_model(self.backbone, config))
+
+    @property
+    def has_lora(self) -> bool:
+        return self.__dict__.get("_peft") is not None
+
+    def merge_lora(self, adapter_dir: str | Path | None = None) -> None:
+        """Fold the adapters into the weights they adapt and drop them, in place (the model is an
+        ordinary PolyEmbedder again); first write them alone to `adapter_dir` in peft's format."""
+        if not self.has_lora:
+            return
+        peft_model = self.__dict__.pop("_peft")
+        if adapter_dir is not None:
+            peft_model.save_pretrained(str(adapter_dir))
+        self.backbone = peft_model.merge_and_unload()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The parameters that train, by name, on the CPU: a LoRA run's checkpoint (its frozen base
+        comes back from `model.backbone`)."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def freeze(self, parts: list[str] | tuple[str, ...]) -> None:
+        """Stop the gradients of backbone parts (`model.freeze`): 'vision', 'language' (less the
+        input embeddings) and 'embeddings'."""
+        embeddings = self.backbone.get_input_embeddings().weight
+        for name, p in self.named_parameters():
+            part = "embeddings" if p is embeddings else component_of(name)
+            if part in parts:
+                p.requires_grad_(False)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """{"params/trainable", "params/total"}: numbers of parameters (elements, not tensors)."""
+        total = sum(p.numel() for p in self.parameters())
+        return {"params/trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "params/total": total}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, model_cfg: ModelConfig | None = None,
@@ -321,6 +377,8 @@ class PolyEmbedder(nn.Module):
     def save_pretrained(self, out_dir: str | Path, default_task: str | None = None) -> Path:
         """Write the self-contained folder described in the module docstring; returns it.
         default_task: the sentence-transformers default prompt (None: no prefix, as `encode`)."""
+        if self.has_lora:
+            raise ValueError("save_pretrained: the model holds LoRA adapters; merge_lora() first")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with quiet_progress():
@@ -329,7 +387,7 @@ class PolyEmbedder(nn.Module):
                  for part in ("pooling", "projection") for k, v in getattr(self, part).state_dict().items()}
         save_file(heads, str(out / HEADS_FILE))
         save_processor(self.processor, out)
-        meta = {"format": FORMAT, "name": self.name, "model": self.cfg.model_dump(mode="json"),
+        meta = {"format": FORMAT, "name": self.name, "model": self.cfg.model_dump(mode="json", exclude={"freeze", "lora"}),
                 "hidden_size": self.hidden_size, "embedding_dim": self.embedding_dim}
         (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         write_st_files(out, default_task)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import queue
 import threading
-
 from pathlib import Path
 
+import numpy as np
+
 from vipoly.config import Config, TrainConfig
-from vipoly.data.collate import load_builder, pad_sides, pair_labels, sides
+from vipoly.data.collate import hard_negatives, load_builder, pad_sides, pair_labels, sides
 from vipoly.data.encode import default_cache, encoded_files
 from vipoly.data.shards import QUARANTINE
 from vipoly.data.stream import PlannedStream, resolve_sources
@@ -99,10 +100,16 @@ class TrainStream:
     def _make_batch(self) -> tuple[dict, dict]:
         rows, position = self.stream.next_chunk()
         batch = pair_labels(rows)
-        # Queries and positives go through the model in ONE forward pass: DDP sees one graph per
-        # step, and the backbone runs one larger batch instead of two.
-        batch["inputs"] = self.builder.pack(sides(rows)) if self.cfg.train.packed_sequences \
-            else pad_sides(rows, self.builder)
+        negs = []
+        if self.cfg.data.negatives:
+            found = hard_negatives(rows, self.cfg.data.negatives, self.model_dir)
+            negs = found.pop("input_ids")
+            batch.update(found)
+        # Queries, positives (and hard negatives) go through the model in ONE forward pass: DDP
+        # sees one graph per step, and the backbone runs one larger batch instead of two.
+        batch["inputs"] = self.builder.pack(sides(rows) + [{"input_ids": x, "mm_token_type_ids": np.zeros(len(x), np.int8)}
+                                                            for x in negs]) \
+            if self.cfg.train.packed_sequences else pad_sides(rows, self.builder, extra=negs)
         batch["bad_rows"] = self.stream.bad_rows
         batch["bytes_read"] = self.stream.bytes_read
         return batch, position

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from vipoly.config import Config, Strategy
+from vipoly.model.embedder import component_of
 from vipoly.train.monitor import grad_norms
 from vipoly.train.optim import build_optimizer, build_scheduler
+
+
+TRAINABLE_FILE = "trainable.safetensors"  # a LoRA checkpoint's weights: adapters and heads
 
 
 def _distributed() -> bool:
@@ -29,9 +34,11 @@ class DDPEngine:
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.train)
         self.model = model
         if _distributed():
-            # Text-only batches leave the vision tower unused: DDP must look for unused parameters.
+            # Text-only batches leave a trained vision tower unused: DDP must then look for unused
+            # parameters (a pass over the graph every step); a frozen one has nothing to look for.
+            unused = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) == "vision")
             self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
         self.micro = 0
 
     def forward(self, **batch):
@@ -68,15 +75,26 @@ class DDPEngine:
 
     def save(self, ckpt_dir: Path, rank: int) -> None:
         if rank == 0:
-            self.module.save_pretrained(ckpt_dir / "model")
+            if self.module.has_lora:  # the adapters and heads alone: the frozen base is model.backbone
+                save_file(self.module.trainable_state(), str(ckpt_dir / TRAINABLE_FILE))
+            else:
+                self.module.save_pretrained(ckpt_dir / "model")
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         from vipoly.model import PolyEmbedder
 
-        src = PolyEmbedder.from_pretrained(ckpt_dir / "model")
-        self.module.load_state_dict(src.state_dict())
+        if (ckpt_dir / TRAINABLE_FILE).is_file():
+            saved = load_file(str(ckpt_dir / TRAINABLE_FILE))
+            missing = set(self.module.trainable_state()) - set(saved)
+            unexpected = self.module.load_state_dict(saved, strict=False).unexpected_keys
+            if missing or unexpected:
+                raise ValueError(f"{ckpt_dir / TRAINABLE_FILE} does not fit this model (model.lora or "
+                                 f"model.freeze changed?): missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
+        else:
+            src = PolyEmbedder.from_pretrained(ckpt_dir / "model")
+            self.module.load_state_dict(src.state_dict())
         opt = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -86,6 +104,7 @@ class DDPEngine:
             from vipoly.model.card import write_run_card
             from vipoly.st import default_task
 
+            self.module.merge_lora(out_dir / "adapter")  # training is over: fold the adapters in
             self.module.save_pretrained(out_dir, default_task=default_task(self.cfg))  # + sentence-transformers files
             write_run_card(out_dir, self.cfg, self.module.device)  # README.md, the model card
 
@@ -154,6 +173,7 @@ class DeepSpeedEngine(DDPEngine):
                 from vipoly.model.card import write_run_card
                 from vipoly.st import default_task
 
+                self.module.merge_lora(out_dir / "adapter")  # on the gathered weights; the run is over
                 self.module.save_pretrained(out_dir, default_task=default_task(self.cfg))
                 write_run_card(out_dir, self.cfg, self.module.device)
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from vipoly.config import Config
 from vipoly.data.plan import PlanState
 from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
+from vipoly.losses.gather import candidates, masked_pairs
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
 from vipoly.train.engine import build_engine
@@ -89,6 +90,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     total = steps or stream.total_steps(tcfg)
     steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
     initial_proj = {n: p.detach().float().clone() for n, p in model.named_parameters() if n.startswith("projection.")}
+    counts = model.parameter_counts()  # before ZeRO-3 partitions them; the run's first row carries them
     engine = build_engine(model, cfg, total, ctx.device)
     weighter = TaskWeighter(cfg.stw)
 
@@ -129,6 +131,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         lam = weighter.as_tensor(epoch).to(ctx.device)
         stats_sum = None  # Σ over micro-batches of this rank's DLEStats (they combine by addition)
         loss_total, entropy, digest, bad = 0.0, 0.0, 0, False
+        masked = torch.zeros((), dtype=torch.int64, device=ctx.device)  # false negatives masked (no host sync)
+        columns = 0  # candidates per query: the similarity matrix's columns, summed over micro-batches
         for _ in range(tcfg.grad_accum):
             batch = stream.next_batch()
             data_counts = [batch.get("bad_rows", 0), batch.get("bytes_read", 0)]
@@ -136,11 +140,18 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                                 enabled=tcfg.bf16 and ctx.device.type == "cuda"):
                 out = engine.forward(**{k: v.to(ctx.device) for k, v in batch["inputs"].items()})
             n = batch["task_ids"].shape[0]
-            a, b = out.embedding[:n].float(), out.embedding[n:].float()
+            # Rows: the queries, the positives, then the hard negatives (data.negatives).
+            a, b, negs = (out.embedding[:n].float(), out.embedding[n:2 * n].float(),
+                          out.embedding[2 * n:].float() if "neg_owner" in batch else None)
             if done_before + 1 in cfg.debug.nan_at_steps:
                 a = a * float("nan")
+            keys = batch["pos_key"].to(ctx.device)
+            neg_keys = batch["neg_key"].to(ctx.device) if negs is not None else None
             loss, stats = global_dle_loss(a, b, batch["task_ids"].to(ctx.device), batch["scores"].to(ctx.device),
-                                          lam, cfg.loss, dims=dims)
+                                          lam, cfg.loss, dims=dims, pos_keys=keys, negatives=negs, neg_keys=neg_keys)
+            cols = candidates(keys, neg_keys, cfg.loss)
+            masked += masked_pairs(keys, cols, cfg.loss)
+            columns += len(cols) / tcfg.grad_accum
             finite = all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)).item() == 0
             if not finite:
                 bad = True
@@ -155,8 +166,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
 
         # Sum over workers: every rank then holds the same task losses and so computes the same λ.
         g = reduce_stats(DLEStats.from_tensor(stats_sum))
-        extras = all_sum(torch.tensor([loss_total, entropy, digest % 2**31, *data_counts], dtype=torch.float64,
-                                      device=ctx.device)).cpu()
+        extras = all_sum(torch.cat([torch.tensor([loss_total, entropy, digest % 2**31, *data_counts], dtype=torch.float64,
+                                                 device=ctx.device), masked.double()[None]])).cpu()
         g_loss, g_entropy = extras[0].item() / ctx.world, extras[1].item() / ctx.world
         g_counts = g.task_count.cpu()
         seen += g_counts
@@ -180,13 +191,17 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                    "volatility": volatility(g_loss), "pooling_entropy": g_entropy,
                    "projection_drift": weight_drift(engine.module, initial_proj),
                    "bad_steps_total": bad_total, "data_digest": int(extras[2].item()) % 2**31,  # (Σ_r d_r mod M) mod M: W-independent
-                   "bad_rows_total": int(extras[3].item()), "data_bytes_read": int(extras[4].item()), **(norms or {})}
+                   "bad_rows_total": int(extras[3].item()), "data_bytes_read": int(extras[4].item()),
+                   "masked_pairs": int(extras[5].item()), "candidates_per_query": columns, **(norms or {})}
             for i, t in enumerate(TASKS):
                 if t in task_mean:
                     row[f"loss/{t}"] = task_mean[t]
                 row[f"weight/{t}"] = float(lam[i])
                 row[f"share/{t}"] = shares.get(t, 0.0)
                 row[f"samples_seen/{t}"] = int(seen[i].item())
+            if counts:
+                row.update(counts)
+                counts = None
             log.write(row)
             wb.log(row)
             print(console.line(row), flush=True)
