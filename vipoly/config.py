@@ -273,6 +273,11 @@ class TrainConfig(Strict):
     packed_sequences: bool = False
     """Concatenate a micro-batch's documents into one row with no padding (per-document positions
     and attention); pays off with FlashAttention varlen on GPU, equal results on CPU."""
+    gradcache_chunk: int = Field(0, ge=0)
+    """GradCache (Gao et al. 2021): embed each micro-batch C rows at a time without a graph, take the
+    loss (negatives gathered from every worker) on the cached embeddings, then embed each chunk
+    again with a graph and send its gradient back: the gradients of the whole batch, in the memory
+    of one chunk's graph, for a second forward. 0 = off."""
     compile: bool = False
     """torch.compile each decoder layer and vision block (fuses their elementwise work): about
     1.5× the eager step on an H100 (docs/benchmarks.md); costs a minute of compiling at the start."""

@@ -100,19 +100,31 @@ class TrainStream:
     def _make_batch(self) -> tuple[dict, dict]:
         rows, position = self.stream.next_chunk()
         batch = pair_labels(rows)
-        negs = []
+        negs, owners = [], []
         if self.cfg.data.negatives:
             found = hard_negatives(rows, self.cfg.data.negatives, self.model_dir)
-            negs = found.pop("input_ids")
+            negs, owners = found.pop("input_ids"), found["neg_owner"].tolist()
             batch.update(found)
-        # Queries, positives (and hard negatives) go through the model in ONE forward pass: DDP
-        # sees one graph per step, and the backbone runs one larger batch instead of two.
-        batch["inputs"] = self.builder.pack(sides(rows) + [{"input_ids": x, "mm_token_type_ids": np.zeros(len(x), np.int8)}
-                                                            for x in negs]) \
-            if self.cfg.train.packed_sequences else pad_sides(rows, self.builder, extra=negs)
+        size = self.cfg.train.gradcache_chunk
+        if size:  # GradCache: (inputs, rows, negatives) of each chunk of `size` rows, in order
+            batch["chunks"] = []
+            for lo in range(0, len(rows), size):
+                part = rows[lo:lo + size]
+                mine = [x for x, o in zip(negs, owners) if lo <= o < lo + size]  # owners ascend
+                batch["chunks"].append((self._inputs(part, mine), len(part), len(mine)))
+        else:
+            batch["inputs"] = self._inputs(rows, negs)
         batch["bad_rows"] = self.stream.bad_rows
         batch["bytes_read"] = self.stream.bytes_read
         return batch, position
+
+    def _inputs(self, rows: list, negs: list) -> dict:
+        """Queries, positives, then hard negatives in ONE forward batch (padded or packed): DDP
+        sees one graph per step, and the backbone runs one larger batch instead of two."""
+        if self.cfg.train.packed_sequences:
+            return self.builder.pack(sides(rows) + [{"input_ids": x, "mm_token_type_ids": np.zeros(len(x), np.int8)}
+                                                    for x in negs])
+        return pad_sides(rows, self.builder, extra=negs)
 
     def next_batch(self) -> dict:
         batch, self._state = self._prefetch.get() if self._prefetch else self._make_batch()

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from vipoly.config import Config, Strategy
-from vipoly.model.embedder import component_of
 from vipoly.train.monitor import grad_norms
 from vipoly.train.optim import build_optimizer, build_scheduler
 
@@ -34,11 +33,10 @@ class DDPEngine:
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.train)
         self.model = model
         if _distributed():
-            # Text-only batches leave a trained vision tower unused: DDP must then look for unused
-            # parameters (a pass over the graph every step); a frozen one has nothing to look for.
-            unused = any(p.requires_grad for n, p in model.named_parameters() if component_of(n) == "vision")
+            # Every trained parameter takes part in every step (a text-only batch still touches the
+            # vision tower: PolyEmbedder._blank_image), so DDP need not search the graph for unused ones.
             self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
         self.micro = 0
 
     def forward(self, **batch):
@@ -54,6 +52,15 @@ class DDPEngine:
 
     def is_boundary(self) -> bool:
         return (self.micro + 1) % self.accum == 0
+
+    def backward_chunk(self, e: torch.Tensor, grad: torch.Tensor, last: bool) -> None:
+        """GradCache's replay: send `grad` (∂L/∂e of this micro-batch's loss) back through one
+        chunk's embeddings `e`; gradients are reduced across workers with the last chunk of the
+        last micro-batch only."""
+        sync = last and self.is_boundary()
+        ctx = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+        with ctx:
+            torch.autograd.backward(e, grad_tensors=grad / self.accum)
 
     def step(self, skip: bool = False) -> dict | None:
         """Close one micro-batch. At an accumulation boundary clip and step (or drop the gradients
@@ -119,10 +126,13 @@ class DeepSpeedEngine(DDPEngine):
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, total_steps, cfg.train)
         world = dist.get_world_size() if _distributed() else 1
+        # Under GradCache each chunk's backward is one DeepSpeed micro-step (`backward_chunk`).
+        size = cfg.train.gradcache_chunk
+        self.chunks = -(-cfg.train.batch_size // size) if size else 1
         ds_cfg = {
             "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-            "gradient_accumulation_steps": cfg.train.grad_accum,
-            "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world,
+            "gradient_accumulation_steps": cfg.train.grad_accum * self.chunks,
+            "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * self.chunks * world,
             "gradient_clipping": cfg.train.clip_grad_norm,
             "zero_optimization": {"stage": 3 if cfg.train.strategy == Strategy.ZERO3 else 2},
             "zero_allow_untested_optimizer": True,
@@ -139,6 +149,15 @@ class DeepSpeedEngine(DDPEngine):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # DeepSpeed scales by 1/accum itself
+
+    def backward_chunk(self, e: torch.Tensor, grad: torch.Tensor, last: bool) -> None:
+        """GradCache's replay under ZeRO: each chunk is one of DeepSpeed's accumulation micro-steps
+        (its gradient_accumulation_steps counts grad_accum × chunks), so ZeRO accumulates them as
+        it accumulates micro-batches. DeepSpeed scales a backward by 1/(grad_accum × chunks):
+        × chunks leaves the 1/grad_accum of the plain step. `step` closes the last chunk."""
+        self.model.backward(self.chunks * (e * grad).sum())
+        if not last:
+            self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
 
     def step(self, skip: bool = False) -> dict | None:
         boundary = self.model.is_gradient_accumulation_boundary()

@@ -24,6 +24,7 @@ from vipoly.losses.gather import candidates, masked_pairs
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
 from vipoly.train.engine import build_engine
+from vipoly.train.gradcache import CachedBatch
 from vipoly.train.monitor import Console, MetricsLog, Volatility, Wandb, pooling_entropy, weight_drift
 from vipoly.train.phases import dynamic_stw_active, is_checkpoint_step, phase_of
 from vipoly.train.report import write_report
@@ -136,13 +137,18 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         for _ in range(tcfg.grad_accum):
             batch = stream.next_batch()
             data_counts = [batch.get("bad_rows", 0), batch.get("bytes_read", 0)]
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                enabled=tcfg.bf16 and ctx.device.type == "cuda"):
-                out = engine.forward(**{k: v.to(ctx.device) for k, v in batch["inputs"].items()})
+            autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=tcfg.bf16 and ctx.device.type == "cuda")
+            with autocast:
+                if tcfg.gradcache_chunk:  # embeddings with no graph; the chunks' graphs come after the loss
+                    cache = CachedBatch(engine.model, batch["chunks"], ctx.device)
+                    embedding, batch_entropy = cache.embedding, cache.entropy
+                else:
+                    out = engine.forward(**{k: v.to(ctx.device) for k, v in batch["inputs"].items()})
+                    embedding, batch_entropy = out.embedding, pooling_entropy(out.pooling_weights, out.attention_mask)
             n = batch["task_ids"].shape[0]
             # Rows: the queries, the positives, then the hard negatives (data.negatives).
-            a, b, negs = (out.embedding[:n].float(), out.embedding[n:2 * n].float(),
-                          out.embedding[2 * n:].float() if "neg_owner" in batch else None)
+            a, b, negs = (embedding[:n].float(), embedding[n:2 * n].float(),
+                          embedding[2 * n:].float() if "neg_owner" in batch else None)
             if done_before + 1 in cfg.debug.nan_at_steps:
                 a = a * float("nan")
             keys = batch["pos_key"].to(ctx.device)
@@ -156,12 +162,16 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
             if not finite:
                 bad = True
                 loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # backward still runs: DDP/DeepSpeed hooks stay in step
-            engine.backward(loss)
+            if tcfg.gradcache_chunk:
+                with autocast:
+                    cache.backward(loss, engine.backward_chunk)
+            else:
+                engine.backward(loss)
             loss_total += float(loss.detach()) / tcfg.grad_accum
             t = stats.to_tensor().double()
             stats_sum = t if stats_sum is None else stats_sum + t
             digest += sum(zlib.crc32(i.encode()) for i in batch["id"])
-            entropy += pooling_entropy(out.pooling_weights, out.attention_mask) / tcfg.grad_accum
+            entropy += batch_entropy / tcfg.grad_accum
             norms = engine.step(skip=bad)
 
         # Sum over workers: every rank then holds the same task losses and so computes the same λ.
