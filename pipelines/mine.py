@@ -66,7 +66,7 @@ def embed_task(files: list[str], args: argparse.Namespace, task: str) -> tuple[n
     import ray
 
     columns = ["id", "query_text", "query_images", "pos_text", "pos_images"]
-    ds = ray.data.read_parquet(files, columns=columns)  # ray
+    ds = ray.data.read_parquet(files).select_columns(columns)  # ray
     ds = ds.map_batches(Embed, fn_constructor_kwargs={"model_dir": str(args.model), "task": task, "dim": args.dim,
                                                       "batch_size": args.batch_size},
                         batch_size=args.batch_size * 4, batch_format="pyarrow", concurrency=args.num_actors,
@@ -187,6 +187,10 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{task}: {counts['negatives']} negatives for {counts['rows']} rows; of {counts['candidates']} "
               f"candidates, {counts['dropped_false_negative']} dropped as likely false negatives (above "
               f"{args.margin} × the positive's score) and {counts['dropped_identical']} as identical texts", flush=True)
+        if counts["dropped_false_negative"] > 0.5 * counts["candidates"]:
+            print(f"{task}: most candidates scored within {args.margin} × the positive's score: this model barely "
+                  f"tells positives from the rest (untrained, or the demo's tiny one); mine with a trained model, "
+                  f"or lower --margin", flush=True)
     if (Path(args.data) / MANIFEST).is_file():
         manifest = json.loads((Path(args.data) / MANIFEST).read_text())
         manifest["mined"] = {"model": str(args.model), "negatives": args.negatives, "margin": args.margin,
