@@ -91,7 +91,7 @@ def gather(x: Tensor, sizes: list[int] | None = None) -> Tensor:
 def global_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weights: Tensor,
                     cfg: LossConfig | None = None, *, dims: list[int] | None = None,
                     pos_keys: Tensor | None = None, negatives: Tensor | None = None,
-                    neg_keys: Tensor | None = None) -> tuple[Tensor, DLEStats]:
+                    neg_keys: Tensor | None = None, column_keys: Tensor | None = None) -> tuple[Tensor, DLEStats]:
     """`dle_loss` (or `matryoshka_dle_loss` when `dims` is given) with negatives from every worker.
 
     Inputs are this worker's rows. Returns (loss, stats) where `loss` is scaled as the module
@@ -99,7 +99,9 @@ def global_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task
     update on the concatenated batch, and mean over workers of `loss` equals the full-batch loss.
     `stats` covers this worker's rows; `reduce_stats` sums them over workers (then
     `stats.task_weighted.sum()` is the full-batch loss). Falls back to the local batch when not
-    distributed or when `cfg.gather_negatives` is off.
+    distributed or when `cfg.gather_negatives` is off. `column_keys`: `candidates(pos_keys,
+    neg_keys)` when the caller has it already (the loop counts masked pairs with it), so that the
+    keys are gathered once.
     """
     cfg = cfg or LossConfig()
     loss_fn = dle_loss if dims is None else functools.partial(matryoshka_dle_loss, dims=dims)
@@ -108,16 +110,19 @@ def global_dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task
                        neg_keys=neg_keys)
     sizes = batch_sizes(len(a), a.device)
     rank = dist.get_rank()
-    negs = keys = None
+    negs = None
     if negatives is not None:  # every rank passes them or none does (data.negatives is shared)
         neg_sizes = batch_sizes(len(negatives), a.device)
         if sum(neg_sizes):
             negs = gather_with_grad(negatives, neg_sizes)
-            keys = None if neg_keys is None else gather(neg_keys, neg_sizes)
+    if column_keys is None and pos_keys is not None:
+        column_keys = candidates(pos_keys, neg_keys if negatives is not None else None, cfg)
+    n = sum(sizes)  # the columns: every worker's positives, then every worker's hard negatives
     batch = GlobalBatch(a=gather_with_grad(a, sizes), b=gather_with_grad(b, sizes),
                         task_ids=gather(task_ids, sizes), scores=gather(scores, sizes),
                         offset=sum(sizes[:rank]), world_size=len(sizes),
-                        pos_keys=None if pos_keys is None else gather(pos_keys, sizes), negs=negs, neg_keys=keys)
+                        pos_keys=None if column_keys is None else column_keys[:n], negs=negs,
+                        neg_keys=None if column_keys is None or negs is None or neg_keys is None else column_keys[n:])
     return loss_fn(a, b, task_ids, scores, task_weights, cfg, batch=batch, pos_keys=pos_keys)
 
 

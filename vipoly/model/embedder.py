@@ -158,10 +158,9 @@ class PolyEmbedder(nn.Module):
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.inputs.image_pad_id).int()
         embeds = None
-        if pixel_values is None and self.training:  # the embeddings, then a blank image: as an image batch
+        if self._needs_blank_image(pixel_values):  # the embeddings, then a blank image: as an image batch
             embeds = self.backbone.get_input_embeddings()(input_ids)
-            blank = self._blank_image(pixel_values, embeds)
-            embeds = embeds + blank if blank is not None else None
+            embeds = embeds + self._blank_image(embeds)
         hidden = self.backbone(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                                image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state
@@ -170,17 +169,18 @@ class PolyEmbedder(nn.Module):
             embedding = F.normalize(self.projection(pooled), dim=-1)
         return EmbedOutput(embedding, pooled, weights, attention_mask)
 
-    def _blank_image(self, pixel_values: torch.Tensor | None, embeds_like: torch.Tensor) -> torch.Tensor | None:
-        """0 × the features of one blank image, when a training batch has no image and the vision
-        tower trains (None otherwise): added to the input embeddings where images go, after them,
-        so that every trained parameter takes part in every backward in the order an image batch
-        gives. ZeRO reduces gradients at every backward in buckets filled in that order: workers
-        whose batches used different parameters (or the same ones in another order) crashed, or
-        summed one worker's vision gradients with another's language ones. DDP then needs no
-        unused-parameter search either."""
+    def _needs_blank_image(self, pixel_values: torch.Tensor | None) -> bool:
+        """A training batch with no image, while the vision tower trains: `_blank_image` then."""
+        return self.training and pixel_values is None and any(p.requires_grad for p in self.backbone.visual.parameters())
+
+    def _blank_image(self, embeds_like: torch.Tensor) -> torch.Tensor:
+        """0 × the features of one blank image, added to the input embeddings where images go,
+        after them, so that every trained parameter takes part in every backward in the order an
+        image batch gives. ZeRO reduces gradients at every backward in buckets filled in that
+        order: workers whose batches used different parameters (or the same ones in another
+        order) crashed, or summed one worker's vision gradients with another's language ones. DDP
+        then needs no unused-parameter search either."""
         visual = self.backbone.visual
-        if not self.training or pixel_values is not None or not any(p.requires_grad for p in visual.parameters()):
-            return None
         cfg = self.backbone.config.vision_config
         merge = cfg.spatial_merge_size
         pixels = torch.zeros(merge * merge, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2,
@@ -216,8 +216,8 @@ class PolyEmbedder(nn.Module):
             image = torch.cat(list(getattr(image, "pooler_output", image))).to(embeds.device, embeds.dtype)
             image_mask, _ = self.backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=image)
             embeds = embeds.masked_scatter(image_mask, image)
-        elif (blank := self._blank_image(pixel_values, embeds)) is not None:
-            embeds = embeds + blank
+        elif self._needs_blank_image(pixel_values):
+            embeds = embeds + self._blank_image(embeds)
         text_config = self.backbone.language_model.config
         mask, attn_kwargs = attention_inputs(text_config._attn_implementation, cu_seqlens,
                                              getattr(text_config, "layer_types", None) or ["full_attention"])

@@ -94,7 +94,7 @@ class DDPEngine:
 
         if (ckpt_dir / TRAINABLE_FILE).is_file():
             saved = load_file(str(ckpt_dir / TRAINABLE_FILE))
-            missing = set(self.module.trainable_state()) - set(saved)
+            missing = {n for n, p in self.module.named_parameters() if p.requires_grad} - set(saved)
             unexpected = self.module.load_state_dict(saved, strict=False).unexpected_keys
             if missing or unexpected:
                 raise ValueError(f"{ckpt_dir / TRAINABLE_FILE} does not fit this model (model.lora or "

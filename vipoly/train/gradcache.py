@@ -124,7 +124,7 @@ class CachedBatch:
     def __init__(self, model: nn.Module, chunks: Sequence[tuple[Chunk, int, int]], device: torch.device):
         from vipoly.train.monitor import pooling_entropy
 
-        self.model, self.device = model, device
+        self.model = model
         self.inputs = [inputs for inputs, _, _ in chunks]
         entropies = []
 

@@ -153,9 +153,10 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                 a = a * float("nan")
             keys = batch["pos_key"].to(ctx.device)
             neg_keys = batch["neg_key"].to(ctx.device) if negs is not None else None
+            cols = candidates(keys, neg_keys, cfg.loss)  # gathered once: for the loss and for the counts
             loss, stats = global_dle_loss(a, b, batch["task_ids"].to(ctx.device), batch["scores"].to(ctx.device),
-                                          lam, cfg.loss, dims=dims, pos_keys=keys, negatives=negs, neg_keys=neg_keys)
-            cols = candidates(keys, neg_keys, cfg.loss)
+                                          lam, cfg.loss, dims=dims, pos_keys=keys, negatives=negs, neg_keys=neg_keys,
+                                          column_keys=cols)
             masked += masked_pairs(keys, cols, cfg.loss)
             columns += len(cols) / tcfg.grad_accum
             finite = all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)).item() == 0
