@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test,eval,publish,serve]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test,eval,publish,serve,mine]'
 	bash scripts/install_fonts.sh
 	touch $(STAMP)
 

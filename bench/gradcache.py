@@ -2,6 +2,7 @@
 the same config, data and batches): peak memory and median step time, and the ratios.
 
     .venv/bin/python bench/gradcache.py [--batch 64] [--chunk 8] [--steps 12] [--warmup 4] [--set key=value ...]
+    .venv/bin/python bench/gradcache.py --fit-mib 3000 [--chunk 8]   # the largest batch each path fits
 
 Each path runs in a process of its own, so that its peak is its own: the peak resident memory
 (ru_maxrss; on a GPU also torch.cuda.max_memory_allocated, which is the number that decides the
@@ -62,6 +63,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--set", action="append", default=[], help="config override for both paths, key=value")
+    p.add_argument("--fit-mib", type=float, default=0,
+                   help="find the largest batch (a multiple of 8) each path trains in this peak memory (MiB; "
+                        "peak GPU memory on a GPU, else peak RSS)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -76,15 +80,23 @@ def main() -> None:
     from vipoly.model.tiny import build_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="vipoly-bench-gradcache-"))
-    synthetic(["--out", str(tmp / "data"), "--n", str(max(400, args.batch * (args.steps + 2))), "--seed", "0"])
+    synthetic(["--out", str(tmp / "data"), "--n", str(max(4000 if args.fit_mib else 400, args.batch * (args.steps + 2))),
+               "--seed", "0"])
     build_tiny(tmp / "init", seed=0)
+
+    def measure(chunk: int, batch: int, steps: int, warmup: int) -> dict:
+        run = tmp / f"run-c{chunk}-b{batch}"
+        cmd = [sys.executable, __file__, "--child", "--run", str(run), "--data", str(tmp / "data"),
+               "--init", str(tmp / "init"), "--batch", str(batch), "--chunk", str(chunk),
+               "--steps", str(steps), "--warmup", str(warmup)] + [a for s in args.set for a in ("--set", s)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    if args.fit_mib:
+        return fit(args, measure, torch)
     results = {}
     for name, chunk in (("plain", 0), (f"gradcache C={args.chunk}", args.chunk)):
-        cmd = [sys.executable, __file__, "--child", "--run", str(tmp / f"run{chunk}"), "--data", str(tmp / "data"),
-               "--init", str(tmp / "init"), "--batch", str(args.batch), "--chunk", str(chunk),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)] + [a for s in args.set for a in ("--set", s)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name] = measure(chunk, args.batch, args.steps, args.warmup)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
           f"{os.getloadavg()[0]:.1f}, batch {args.batch} per step, overrides {args.set or 'none'}; "
@@ -97,6 +109,38 @@ def main() -> None:
     worst = max(abs(a - b) for a, b in zip(plain["losses"], cached["losses"]))
     print(f"GradCache / plain: step time {cached['step_s'] / plain['step_s']:.2f}x, peak RSS "
           f"{cached['rss_mib'] / plain['rss_mib']:.2f}x; largest loss difference {worst:.1e}")
+
+
+def fit(args: argparse.Namespace, measure, torch) -> None:
+    """The largest batch (a multiple of 8) each path trains within `--fit-mib` of peak memory:
+    doubling from 8 until a batch does not fit, then bisecting. Two steps a run (the peak comes
+    with the first)."""
+    def peak(r: dict) -> float:
+        return r["gpu_mib"] or r["rss_mib"]
+
+    found = {}
+    for name, chunk in (("plain", 0), (f"gradcache C={args.chunk}", args.chunk)):
+        fits, lo, hi = {}, 0, 8
+        while True:  # doubling
+            fits[hi] = peak(measure(chunk, hi, 2, 0))
+            print(f"  {name}: batch {hi}: peak {fits[hi]:.0f} MiB", flush=True)
+            if fits[hi] > args.fit_mib:
+                break
+            lo, hi = hi, hi * 2
+        while hi - lo > 8:  # bisect on multiples of 8
+            mid = (lo + hi) // 16 * 8
+            fits[mid] = peak(measure(chunk, mid, 2, 0))
+            print(f"  {name}: batch {mid}: peak {fits[mid]:.0f} MiB", flush=True)
+            lo, hi = (mid, hi) if fits[mid] <= args.fit_mib else (lo, mid)
+        found[name] = (lo, fits.get(lo))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, budget "
+          f"{args.fit_mib:.0f} MiB of peak {'GPU memory' if torch.cuda.is_available() else 'RSS'}, overrides "
+          f"{args.set or 'none'}; path: run_training, one process each")
+    print(f"{'path':<16} {'largest batch':>14} {'its peak (MiB)':>15}")
+    for name, (batch, mib) in found.items():
+        print(f"{name:<16} {batch:>14} {mib or float('nan'):>15.0f}")
+    plain, cached = (b for b, _ in found.values())
+    print(f"GradCache / plain: largest batch {cached / max(plain, 1):.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ search, and write copies of its shards with `neg_text` filled (for `data.negativ
 For each task folder of --data:
   embed   a Ray Data job (an actor pool, each actor loading the model once): every row's query and
           positive, texts and images, with the task's prefix, as training embeds them;
-  search  exact: every query against every positive of the task (inner products of unit vectors,
-          a chunk of queries at a time, on the GPU when there is one);
+  search  the `depth` best positives of other rows for every query (inner products of unit vectors):
+          exact (a chunk of queries at a time, on the GPU when there is one) or, from --exact-max
+          rows on (default 100,000: exact costs n² dot products), a FAISS HNSW index
+          (`--index hnsw` forces it; its recall against exact search is printed on a sample);
   keep    positive-aware (NV-Retriever's TopK-PercPos): of the `depth` best positives of other rows,
           drop the ones scoring above `margin` × the query's score with its own positive (likely
           false negatives: another phrasing of the answer) and the ones whose text equals the row's
@@ -18,8 +20,8 @@ For each task folder of --data:
           as they were), OUT/manifest.json, and OUT/mine_report.json (per task: rows, candidates
           looked at, dropped as likely false negatives, dropped as identical, negatives written).
 Resumable: a task whose copies are all written is skipped; its embeddings (OUT/_embeddings/<task>.npz,
-written once the Ray job ends) are reused when only the writing was cut short. Exact search costs
-n² dot products per task (`--dim` shortens the vectors, Matryoshka): fine up to some 10⁵ rows on a CPU.
+written once the Ray job ends) are reused when only the writing was cut short. `--dim` shortens the
+vectors searched (Matryoshka).
 """
 from __future__ import annotations
 
@@ -79,33 +81,87 @@ def embed_task(files: list[str], args: argparse.Namespace, task: str) -> tuple[n
     return as_np("q")[order], as_np("p")[order], ids
 
 
-def select(queries: np.ndarray, positives: np.ndarray, texts: list[str | None], n: int, depth: int,
-           margin: float, chunk: int = 1024) -> tuple[list[list[str]], dict[str, int]]:
-    """TopK-PercPos: each row's `n` negatives among the `depth` best positives of other rows, less
-    those above margin × its own positive's score and those with its positive's text. `texts`:
-    the positives' texts, None where a positive is an image (no text negative to make of it)."""
+def exact_search(queries: np.ndarray, positives: np.ndarray, depth: int, chunk: int = 1024):
+    """Yields (rows, own, scores, cols) per chunk of queries: the rows' indices, their scores with
+    their own positives, and their `depth` best positives of other rows (scores, indices)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, p = torch.from_numpy(queries).to(device), torch.from_numpy(positives).to(device)
+    q, p = (torch.from_numpy(np.asarray(x, np.float32)).to(device) for x in (queries, positives))
+    for lo in range(0, len(q), chunk):
+        sims = q[lo:lo + chunk] @ p.T  # (c, n)
+        idx = torch.arange(lo, min(len(q), lo + chunk), device=device)
+        at = torch.arange(len(idx), device=device)
+        own = sims[at, idx].clone()
+        sims[at, idx] = float("-inf")  # never the row's own positive
+        scores, cols = sims.topk(depth, dim=1) if depth > 0 else (sims[:, :0], sims[:, :0].long())
+        yield idx.cpu().numpy(), own.cpu().numpy(), scores.cpu().numpy(), cols.cpu().numpy()
+
+
+def hnsw_search(queries: np.ndarray, positives: np.ndarray, depth: int, chunk: int = 8192, ef: int | None = None):
+    """As `exact_search`, from a FAISS HNSW index over the positives (inner product): n log n
+    where exact search is n². Asks for depth + 1 neighbours, as a query's own positive is often
+    among them; the own score is an exact dot product."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ValueError("--index hnsw needs FAISS: pip install 'vipoly[mine]' (faiss-cpu)") from e
+    index = faiss.IndexHNSWFlat(positives.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.hnsw.efSearch = ef or max(64, 2 * depth + 2)
+    index.add(np.ascontiguousarray(positives, dtype=np.float32))
+    for lo in range(0, len(queries), chunk):
+        q = np.ascontiguousarray(queries[lo:lo + chunk], dtype=np.float32)
+        idx = np.arange(lo, lo + len(q))
+        scores, cols = index.search(q, depth + 1)
+        not_own = (cols != idx[:, None]) & (cols >= 0)
+        # the first `depth` that are not the row's own positive (a row has at most one)
+        order = np.argsort(~not_own, axis=1, kind="stable")[:, :depth]
+        scores, cols = np.take_along_axis(scores, order, 1), np.take_along_axis(cols, order, 1)
+        own = np.einsum("ij,ij->i", q, positives[idx])
+        yield idx, own, scores, cols
+
+
+def recall(queries: np.ndarray, positives: np.ndarray, depth: int, sample: int = 1000, seed: int = 0) -> float:
+    """HNSW's recall@depth against exact search, on a sample of queries."""
+    rows = np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False)
+    exact = {}
+    for lo in range(0, len(rows), 256):  # each sampled query against every positive, exactly
+        part = rows[lo:lo + 256]
+        sims = queries[part] @ positives.T
+        sims[np.arange(len(part)), part] = -np.inf
+        for i, r in enumerate(part):
+            exact[r] = set(np.argpartition(-sims[i], depth)[:depth].tolist())
+    found = {}
+    for idx, _, _, cols in hnsw_search(queries, positives, depth):
+        for i, r in enumerate(idx):
+            if r in exact:
+                found[r] = set(cols[i].tolist())
+    return float(np.mean([len(exact[r] & found[r]) / depth for r in rows]))
+
+
+def select(queries: np.ndarray, positives: np.ndarray, texts: list[str | None], n: int, depth: int,
+           margin: float, index: str = "exact") -> tuple[list[list[str]], dict[str, int]]:
+    """TopK-PercPos: each row's `n` negatives among the `depth` best positives of other rows, less
+    those above margin × its own positive's score and those with its positive's text. `texts`:
+    the positives' texts, None where a positive is an image (no text negative to make of it).
+    `index`: "exact" or "hnsw" (FAISS)."""
     rows = len(texts)
     depth = min(depth, rows - 1)
     counts = {"rows": rows, "candidates": 0, "dropped_false_negative": 0, "dropped_identical": 0,
               "skipped_not_text": 0, "negatives": 0}
     out: list[list[str]] = []
-    for lo in range(0, rows, chunk):
-        sims = q[lo:lo + chunk] @ p.T  # (c, n)
-        idx = torch.arange(lo, min(rows, lo + chunk), device=device)
-        own = sims[torch.arange(len(idx), device=device), idx].clone()
-        sims[torch.arange(len(idx), device=device), idx] = float("-inf")  # never the row's own positive
-        scores, cols = sims.topk(depth, dim=1) if depth > 0 else (sims[:, :0], sims[:, :0].long())
+    search = hnsw_search if index == "hnsw" else exact_search
+    for idx, own, scores, cols in search(queries, positives, depth):
         for k, i in enumerate(idx.tolist()):
             keep = []
             for score, j in zip(scores[k].tolist(), cols[k].tolist()):
+                if j < 0:  # HNSW found fewer than asked
+                    continue
                 counts["candidates"] += 1
                 if texts[j] is not None and texts[j] == texts[i]:  # two questions on one paragraph
                     counts["dropped_identical"] += 1
-                elif score > margin * own[k].item():
+                elif score > margin * own[k]:
                     counts["dropped_false_negative"] += 1
                 elif not texts[j]:
                     counts["skipped_not_text"] += 1
@@ -179,7 +235,13 @@ def run(args: argparse.Namespace) -> dict:
             np.savez(cache.with_suffix(".tmp.npz"), q=queries, p=positives)
             cache.with_suffix(".tmp.npz").replace(cache)
         texts = positive_texts(files)
-        negatives, counts = select(queries, positives, texts, args.negatives, args.depth, args.margin)
+        index = args.index if args.index != "auto" else ("hnsw" if len(texts) >= args.exact_max else "exact")
+        if index == "hnsw":
+            print(f"{task}: HNSW search over {len(texts):,} positives; recall@{min(args.depth, len(texts) - 1)} "
+                  f"against exact search on a sample: "
+                  f"{recall(queries, positives, min(args.depth, len(texts) - 1)):.3f}", flush=True)
+        negatives, counts = select(queries, positives, texts, args.negatives, args.depth, args.margin, index)
+        counts["index"] = index
         write_task(files, out / task, negatives)
         report[task] = counts
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.95,
                    help="drop candidates scoring above margin × the query's own positive score")
     p.add_argument("--dim", type=int, help="Matryoshka prefix of the vectors searched (default: full)")
+    p.add_argument("--index", choices=["auto", "exact", "hnsw"], default="auto",
+                   help="search: exact, a FAISS HNSW index, or auto (HNSW from --exact-max rows on)")
+    p.add_argument("--exact-max", type=int, default=100_000, help="rows from which auto uses HNSW")
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--num-gpus-per-actor", type=float, default=0)
     p.add_argument("--batch-size", type=int, default=32)

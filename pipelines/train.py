@@ -64,10 +64,6 @@ def check_config(cfg: Config):
     the run's `Plan` (vipoly.data.plan), built from the Parquet footers."""
     from vipoly.data.stream import build_plan
 
-    if cfg.train.gradcache_chunk and cfg.train.strategy == Strategy.ZERO3:
-        raise ConfigError("train.gradcache_chunk: GradCache runs under ddp and deepspeed_zero2, not yet under "
-                          "deepspeed_zero3 (ZeRO-3 requires every worker to fetch the same modules in the same "
-                          "order, and chunks with and without images break that)")
     try:
         plan = build_plan(cfg)
         plan.check_workers(cfg.train.num_workers)

@@ -153,11 +153,21 @@ def add_task_tokens(backbone: Qwen2VLModel, processor: ImageTextProcessor, prefi
     if not new_ids:
         return []
     embed = backbone.get_input_embeddings()
-    if len(tokenizer) > embed.weight.shape[0]:
+    if len(tokenizer) > embed.num_embeddings:
         backbone.resize_token_embeddings(len(tokenizer))
         embed = backbone.get_input_embeddings()
-    with torch.no_grad():
+    with torch.no_grad(), _whole(embed.weight):
         old = embed.weight[:before].float()
         noise = torch.randn(len(new_ids), old.shape[1]) * old.std(0) / 10
         embed.weight[new_ids] = (old.mean(0) + noise.to(old.device)).to(embed.weight.dtype)
     return new_ids
+
+
+def _whole(param: torch.nn.Parameter):
+    """The whole parameter inside the block when ZeRO-3 partitions it (rank 0's writes are kept and
+    broadcast); nothing to do otherwise."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)

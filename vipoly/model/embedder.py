@@ -157,21 +157,39 @@ class PolyEmbedder(nn.Module):
             raise ValueError("forward: a padded batch needs attention_mask (a packed one needs cu_seqlens)")
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.inputs.image_pad_id).int()
-        embeds = None
-        if self._needs_blank_image(pixel_values):  # the embeddings, then a blank image: as an image batch
-            embeds = self.backbone.get_input_embeddings()(input_ids)
-            embeds = embeds + self._blank_image(embeds)
+        embeds = self._input_embeds(input_ids, pixel_values, image_grid_thw)
+        # input_ids and image_grid_thw still go in: the backbone derives the 3-D positions from them
         hidden = self.backbone(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
-                               mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
-                               image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state
+                               mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                               use_cache=False).last_hidden_state
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             pooled, weights = self.pooling(hidden.float(), attention_mask)
             embedding = F.normalize(self.projection(pooled), dim=-1)
         return EmbedOutput(embedding, pooled, weights, attention_mask)
 
+    def _input_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                      image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features put where the image tokens are (or, in a training
+        batch with no image, `_blank_image`). Done here, before the backbone's forward, for every
+        batch: the modules then run in one order whether a batch has images or not, which ZeRO-3's
+        parameter prefetch relies on (it replays the order of the first step; a batch of the other
+        kind stopped the run with "tracing error")."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image = self.backbone.get_image_features(pixel_values, image_grid_thw)
+            image = torch.cat(list(getattr(image, "pooler_output", image))).to(embeds.device, embeds.dtype)
+            image_mask, _ = self.backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=image)
+            return embeds.masked_scatter(image_mask, image)
+        if self._needs_blank_image(pixel_values):
+            return embeds + self._blank_image(embeds)
+        return embeds
+
     def _needs_blank_image(self, pixel_values: torch.Tensor | None) -> bool:
-        """A training batch with no image, while the vision tower trains: `_blank_image` then."""
-        return self.training and pixel_values is None and any(p.requires_grad for p in self.backbone.visual.parameters())
+        """A training batch with no image, while the vision tower trains or ZeRO-3 partitions it
+        (frozen or not, its weights are then gathered by a collective every worker must join):
+        `_blank_image` then."""
+        return self.training and pixel_values is None and any(
+            p.requires_grad or hasattr(p, "ds_id") for p in self.backbone.visual.parameters())
 
     def _blank_image(self, embeds_like: torch.Tensor) -> torch.Tensor:
         """0 × the features of one blank image, added to the input embeddings where images go,
@@ -208,16 +226,8 @@ class PolyEmbedder(nn.Module):
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=input_ids.device), lengths)
         seq_ids = seq_ids.reshape(-1)
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            # Image features are merged here rather than inside the backbone's forward, so that the
-            # varlen arguments below reach the language model only, not the vision tower.
-            image = self.backbone.get_image_features(pixel_values, image_grid_thw)
-            image = torch.cat(list(getattr(image, "pooler_output", image))).to(embeds.device, embeds.dtype)
-            image_mask, _ = self.backbone.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=image)
-            embeds = embeds.masked_scatter(image_mask, image)
-        elif self._needs_blank_image(pixel_values):
-            embeds = embeds + self._blank_image(embeds)
+        # (merged before the backbone's forward: the varlen arguments below reach the language model only)
+        embeds = self._input_embeds(input_ids, pixel_values, image_grid_thw)
         text_config = self.backbone.language_model.config
         mask, attn_kwargs = attention_inputs(text_config._attn_implementation, cu_seqlens,
                                              getattr(text_config, "layer_types", None) or ["full_attention"])
@@ -368,10 +378,14 @@ class PolyEmbedder(nn.Module):
                 p.requires_grad_(False)
 
     def parameter_counts(self) -> dict[str, int]:
-        """{"params/trainable", "params/total"}: numbers of parameters (elements, not tensors)."""
-        total = sum(p.numel() for p in self.parameters())
-        return {"params/trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-                "params/total": total}
+        """{"params/trainable", "params/total", "params/local"}: numbers of parameters (elements, not
+        tensors); local = this process's share (its partitions when ZeRO-3 has partitioned them)."""
+        def numel(p):  # a ZeRO-3 partitioned parameter holds a slice; ds_numel is its whole size
+            return getattr(p, "ds_numel", p.numel())
+
+        return {"params/trainable": sum(numel(p) for p in self.parameters() if p.requires_grad),
+                "params/total": sum(numel(p) for p in self.parameters()),
+                "params/local": sum(getattr(p, "ds_tensor", p).numel() for p in self.parameters())}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, model_cfg: ModelConfig | None = None,
@@ -429,9 +443,9 @@ def _check_processor_matches(processor, backbone: Qwen2VLModel) -> None:
     bad = {k: v for k, v in pairs.items() if v[0] != v[1]}
     if bad:
         raise ValueError(f"image processor and vision config disagree (processor, model): {bad}")
-    if len(processor.tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
-        raise ValueError(f"tokenizer has {len(processor.tokenizer)} tokens, the backbone embeds only "
-                         f"{backbone.get_input_embeddings().weight.shape[0]}")
+    rows = backbone.get_input_embeddings().num_embeddings  # (the weight's shape is a slice under ZeRO-3)
+    if len(processor.tokenizer) > rows:
+        raise ValueError(f"tokenizer has {len(processor.tokenizer)} tokens, the backbone embeds only {rows}")
 
 
 def _one_image(x: Any) -> bool:

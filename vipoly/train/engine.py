@@ -14,6 +14,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from vipoly.config import Config, Strategy
+from vipoly.model.embedder import COMPONENTS, component_of
 from vipoly.train.monitor import grad_norms
 from vipoly.train.optim import build_optimizer, build_scheduler
 
@@ -53,6 +54,12 @@ class DDPEngine:
     def is_boundary(self) -> bool:
         return (self.micro + 1) % self.accum == 0
 
+    def discard(self, loss: torch.Tensor) -> torch.Tensor:
+        """What a micro-batch of a skipped step back-propagates (a non-finite loss on some worker).
+        The backward still runs, so the workers' gradient hooks stay in step; `step(skip=True)` then
+        drops the gradients without touching the optimizer."""
+        return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+
     def backward_chunk(self, e: torch.Tensor, grad: torch.Tensor, last: bool) -> None:
         """GradCache's replay: send `grad` (∂L/∂e of this micro-batch's loss) back through one
         chunk's embeddings `e`; gradients are reduced across workers with the last chunk of the
@@ -79,6 +86,11 @@ class DDPEngine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
+
+    def full_weights(self, prefix: str) -> dict[str, torch.Tensor]:
+        """float32 CPU copies of the parameters whose names start with `prefix`, whole on every rank
+        (under ZeRO-3 a collective: every rank calls it)."""
+        return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self.module.named_parameters() if n.startswith(prefix)}
 
     def save(self, ckpt_dir: Path, rank: int) -> None:
         if rank == 0:
@@ -108,12 +120,50 @@ class DDPEngine:
 
     def export(self, out_dir: Path, rank: int) -> None:
         if rank == 0:
-            from vipoly.model.card import write_run_card
-            from vipoly.st import default_task
+            _write_model(self.module, out_dir, self.cfg)
 
-            self.module.merge_lora(out_dir / "adapter")  # training is over: fold the adapters in
-            self.module.save_pretrained(out_dir, default_task=default_task(self.cfg))  # + sentence-transformers files
-            write_run_card(out_dir, self.cfg, self.module.device)  # README.md, the model card
+
+def deepspeed_config(cfg: Config, device: torch.device) -> dict:
+    world = dist.get_world_size() if _distributed() else 1
+    # Under GradCache each chunk's backward is one DeepSpeed micro-step (`backward_chunk`).
+    size = cfg.train.gradcache_chunk
+    chunks = -(-cfg.train.batch_size // size) if size else 1
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum * chunks,
+        "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * chunks * world,
+        "gradient_clipping": cfg.train.clip_grad_norm,
+        "zero_optimization": {"stage": 3 if cfg.train.strategy == Strategy.ZERO3 else 2},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bool(cfg.train.bf16 and device.type == "cuda")},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_model(cfg: Config, device: torch.device):
+    """The PolyEmbedder to train. Under ZeRO-3 transformers loads the backbone straight into
+    partitions (its zero.Init path, switched on by an HfDeepSpeedConfig it holds a weak reference
+    to): no rank ever holds the whole backbone. The heads are small; deepspeed.initialize
+    partitions them."""
+    from vipoly.model import PolyEmbedder
+
+    if cfg.train.strategy != Strategy.ZERO3:
+        return PolyEmbedder.build(cfg.model)
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    ds_cfg = deepspeed_config(cfg, device)
+    del ds_cfg["train_batch_size"]  # it would be checked against DeepSpeed's world, not set up yet
+    zero3 = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (alive while the model loads)
+    try:
+        model = PolyEmbedder.build(cfg.model)
+    finally:
+        unset_hf_deepspeed_config()  # later loads (rank 0's export copy) are whole again
+    if not _distributed() or dist.get_rank() == 0:
+        counts = model.parameter_counts()
+        print(f"ZeRO-3: the model was built partitioned; rank 0 holds {counts['params/local']:,} of its "
+              f"{counts['params/total']:,} parameters", flush=True)
+    return model
 
 
 class DeepSpeedEngine(DDPEngine):
@@ -125,21 +175,8 @@ class DeepSpeedEngine(DDPEngine):
         self.cfg, self.accum, self.micro = cfg, cfg.train.grad_accum, 0
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, total_steps, cfg.train)
-        world = dist.get_world_size() if _distributed() else 1
-        # Under GradCache each chunk's backward is one DeepSpeed micro-step (`backward_chunk`).
-        size = cfg.train.gradcache_chunk
-        self.chunks = -(-cfg.train.batch_size // size) if size else 1
-        ds_cfg = {
-            "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-            "gradient_accumulation_steps": cfg.train.grad_accum * self.chunks,
-            "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * self.chunks * world,
-            "gradient_clipping": cfg.train.clip_grad_norm,
-            "zero_optimization": {"stage": 3 if cfg.train.strategy == Strategy.ZERO3 else 2},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": bool(cfg.train.bf16 and device.type == "cuda")},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        ds_cfg = deepspeed_config(cfg, device)
+        self.chunks = ds_cfg["gradient_accumulation_steps"] // cfg.train.grad_accum
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
         self.module = self.model.module
@@ -159,19 +196,45 @@ class DeepSpeedEngine(DDPEngine):
         if not last:
             self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
 
+    def discard(self, loss: torch.Tensor) -> torch.Tensor:
+        """NaN gradients, on purpose: ZeRO's own overflow check then discards the step whole (Adam's
+        moments, the weights and the LR schedule stay as they were, bit for bit). Zeroed gradients
+        would not do: DeepSpeed steps anyway, and Adam's momentum still moves the weights."""
+        return loss.nan_to_num(0.0, 0.0, 0.0) * float("nan")
+
     def step(self, skip: bool = False) -> dict | None:
         boundary = self.model.is_gradient_accumulation_boundary()
         self.micro += 1
-        if skip and boundary:
-            # DeepSpeed keeps its own step counters, so the step still runs, on zero gradients
-            # (Adam's momentum still moves the weights a little; DDP skips the update entirely).
-            self.model.zero_grad()
-        self.model.step()
+        # At the boundary, ZeRO holds the reduced gradients until its step: measure them first.
+        norms = self._component_norms() if boundary else None
+        self.model.step()  # a skipped step's gradients are NaN (`discard`): ZeRO drops it
         if not boundary:
             return None
-        # ZeRO partitions gradients, so only the global norm is available per step.
         norm = self.model.get_global_grad_norm()
-        return {"grad_norm": float(norm) if norm is not None else float("nan")}
+        norms["grad_norm"] = float(norm) if norm is not None and not skip else float("nan")
+        return norms
+
+    def _component_norms(self) -> dict[str, float]:
+        """Per-component gradient norms as DDPEngine reports them, from the gradient partitions ZeRO
+        holds: each rank sums the squares of the part it owns, and one all-reduce adds the ranks."""
+        sq = torch.zeros(len(COMPONENTS), dtype=torch.float64, device=self.module.device)
+        for name, p in self.module.named_parameters():
+            grad = _local_grad(p) if p.requires_grad else None
+            if grad is not None:
+                sq[COMPONENTS.index(component_of(name))] += grad.double().pow(2).sum()
+        if _distributed():
+            dist.all_reduce(sq)
+        return {f"grad_norm/{c}": v for c, v in zip(COMPONENTS, sq.sqrt().tolist())}
+
+    def full_weights(self, prefix: str) -> dict[str, torch.Tensor]:
+        if self.cfg.train.strategy != Strategy.ZERO3:
+            return super().full_weights(prefix)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # Read from the optimizer's fp32 master copy (an all-reduce of its partitions). Gathering
+        # the parameters themselves between steps broke ZeRO-3's prefetch trace after a resume.
+        return {n: safe_get_full_fp32_param(p).to("cpu", copy=True)
+                for n, p in self.module.named_parameters() if n.startswith(prefix)}
 
     def save(self, ckpt_dir: Path, rank: int) -> None:
         # Every rank writes its ZeRO shard; Ray Train merges the ranks' folders.
@@ -181,20 +244,47 @@ class DeepSpeedEngine(DDPEngine):
         self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
 
     def export(self, out_dir: Path, rank: int) -> None:
-        import deepspeed
+        if self.cfg.train.strategy != Strategy.ZERO3:
+            return super().export(out_dir, rank)
+        # ZeRO-3 shards the weights. DeepSpeed's consolidation gathers them one module at a time
+        # (a collective: every rank enters) into rank 0's CPU memory, so no GPU ever holds the
+        # whole model; rank 0 then writes them from a plain copy of the model built there.
+        state = self.model._zero3_consolidated_16bit_state_dict()  # the params' own dtype, despite the name
+        if rank == 0:
+            from vipoly.model import PolyEmbedder
 
-        params = list(self.module.parameters())
-        # ZeRO-3 shards weights: gather them (a collective, so every rank enters) before rank 0 saves.
-        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-                  if self.cfg.train.strategy == Strategy.ZERO3 else contextlib.nullcontext())
-        with gather:
-            if rank == 0:
-                from vipoly.model.card import write_run_card
-                from vipoly.st import default_task
+            plain = PolyEmbedder.build(self.cfg.model)  # the same modules (adapters included), whole
+            plain.load_state_dict(state)
+            del state
+            _write_model(plain, out_dir, self.cfg)
 
-                self.module.merge_lora(out_dir / "adapter")  # on the gathered weights; the run is over
-                self.module.save_pretrained(out_dir, default_task=default_task(self.cfg))
-                write_run_card(out_dir, self.cfg, self.module.device)
+
+def _write_model(module, out_dir: Path, cfg: Config) -> None:
+    """The run's `model/` folder: adapters folded in (training is over), the sentence-transformers
+    files, and the model card."""
+    from vipoly.model.card import write_run_card
+    from vipoly.st import default_task
+
+    module.merge_lora(out_dir / "adapter")
+    module.save_pretrained(out_dir, default_task=default_task(cfg))
+    write_run_card(out_dir, cfg, module.device)
+
+
+def _local_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """This rank's share of a parameter's reduced gradient under ZeRO (None: it owns none of it).
+    ZeRO-3 has a public call for it; ZeRO-2 reaches it through the fragment map that DeepSpeed's own
+    `safe_get_full_grad` reads (which would all-reduce the whole tensor, once per parameter)."""
+    from deepspeed.utils import safe_get_local_grad
+
+    if hasattr(p, "ds_id"):  # ZeRO-3
+        return safe_get_local_grad(p)
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    grad = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+    address = mapping.lp_fragment_address
+    # bf16 keeps the whole accumulated gradient on every rank: count only the owned fragment
+    return grad.narrow(0, address.start, address.numel) if grad.numel() == p.numel() != address.numel else grad
 
 
 def build_engine(model, cfg: Config, total_steps: int, device: torch.device) -> DDPEngine:

@@ -23,7 +23,7 @@ from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
 from vipoly.losses.gather import candidates, masked_pairs
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
-from vipoly.train.engine import build_engine
+from vipoly.train.engine import build_engine, build_model
 from vipoly.train.gradcache import CachedBatch
 from vipoly.train.monitor import Console, MetricsLog, Volatility, Wandb, pooling_entropy, weight_drift
 from vipoly.train.phases import dynamic_stw_active, is_checkpoint_step, phase_of
@@ -78,21 +78,19 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None) -> dict:
-    from vipoly.model import PolyEmbedder
-
     ctx = Context(use_ray)
     run_dir = Path(cfg.run.dir)
     tcfg = cfg.train
     seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
-    model = PolyEmbedder.build(cfg.model)  # also turns on gradient checkpointing when configured
+    model = build_model(cfg, ctx.device)  # also turns on gradient checkpointing when configured
     if tcfg.compile:
         model.compile_layers()  # in place: parameter names, hence checkpoints, stay the same
     stream = stream_factory(rank=ctx.rank, world=ctx.world)
     total = steps or stream.total_steps(tcfg)
     steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
-    initial_proj = {n: p.detach().float().clone() for n, p in model.named_parameters() if n.startswith("projection.")}
     counts = model.parameter_counts()  # before ZeRO-3 partitions them; the run's first row carries them
     engine = build_engine(model, cfg, total, ctx.device)
+    initial_proj = engine.full_weights("projection.")  # for projection_drift
     weighter = TaskWeighter(cfg.stw)
 
     start, extra = 0, {}
@@ -162,13 +160,13 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
             finite = all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)).item() == 0
             if not finite:
                 bad = True
-                loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # backward still runs: DDP/DeepSpeed hooks stay in step
+                loss = engine.discard(loss)
             if tcfg.gradcache_chunk:
                 with autocast:
                     cache.backward(loss, engine.backward_chunk)
             else:
                 engine.backward(loss)
-            loss_total += float(loss.detach()) / tcfg.grad_accum
+            loss_total += float(loss.detach().nan_to_num(0.0)) / tcfg.grad_accum  # a skipped step logs 0
             t = stats.to_tensor().double()
             stats_sum = t if stats_sum is None else stats_sum + t
             digest += sum(zlib.crc32(i.encode()) for i in batch["id"])
@@ -195,12 +193,15 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         if dynamic_stw_active(step, tcfg) and weighter.due(done) and weighter.window_losses():
             weighter.update_from_window(epoch)
 
-        if rank0 and (done % tcfg.log_every == 0 or done == total or stopped):
+        log_now = done % tcfg.log_every == 0 or done == total or stopped  # the same on every rank
+        # Under ZeRO-3 the projection is gathered for the drift: a collective, so every rank measures it.
+        drift = weight_drift(engine.full_weights("projection."), initial_proj) if log_now else None
+        if rank0 and log_now:
             task_mean, shares = g.task_losses(), g.shares()
             row = {"step": done, "epoch": epoch, "phase": phase, "loss": g_loss, "lr": engine.lr(),
                    "samples_per_s": g_counts.sum().item() / max(1e-9, time.time() - t0),
                    "volatility": volatility(g_loss), "pooling_entropy": g_entropy,
-                   "projection_drift": weight_drift(engine.module, initial_proj),
+                   "projection_drift": drift,
                    "bad_steps_total": bad_total, "data_digest": int(extras[2].item()) % 2**31,  # (Σ_r d_r mod M) mod M: W-independent
                    "bad_rows_total": int(extras[3].item()), "data_bytes_read": int(extras[4].item()),
                    "masked_pairs": int(extras[5].item()), "candidates_per_query": columns, **(norms or {})}

@@ -53,14 +53,12 @@ class Volatility:
         return sd / abs(m) if m else 0.0
 
 
-def weight_drift(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
-    """‖W − W₀‖ / ‖W₀‖ over the projection weights."""
+def weight_drift(current: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
+    """‖W − W₀‖ / ‖W₀‖ over the weights named in `initial` (the projection's: `engine.full_weights`)."""
     num = den = 0.0
-    for name, p in model.named_parameters():
-        name = name.removeprefix("module.")
-        if name in initial and p.shape == initial[name].shape:  # ZeRO-3 partitions: not measurable here
-            num += float((p.detach().float() - initial[name]).pow(2).sum())
-            den += float(initial[name].pow(2).sum())
+    for name, w0 in initial.items():
+        num += float((current[name].float() - w0).pow(2).sum())
+        den += float(w0.pow(2).sum())
     return math.sqrt(num / den) if den else float("nan")
 
 
