@@ -216,6 +216,33 @@ def test_compiled_layers_give_the_same_embeddings_and_names(tiny_model_dir, tiny
     np.testing.assert_allclose(model.encode(texts, images), tiny_model.encode(texts, images, packed=False), atol=1e-4)
 
 
+
+def test_compiled_layers_hold_lora_adapters(tiny_model_dir):
+    """train.compile with model.lora (the reference run's config plus adapters): the compiled layers
+    run the adapters (B made non-zero, as after training) and back-propagate into them only."""
+    from vipoly.config import LoraConfig
+
+    torch.manual_seed(0)
+    model = PolyEmbedder.from_pretrained(tiny_model_dir, ModelConfig(attn_implementation=VARLEN))
+    model.add_lora(LoraConfig(r=4, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    texts, images = KINDS["mixed"]
+    eager = model.encode(texts, images)
+    names = [n for n, _ in model.named_parameters()]
+    model.compile_layers()
+    assert [n for n, _ in model.named_parameters()] == names
+    np.testing.assert_allclose(model.encode(texts, images), eager, atol=1e-4)
+    model.train()
+    batch = model.collate([model._prepare(i, t, None, "instr") for i, t in enumerate(texts) if t])
+    model(**batch).embedding.sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any("lora_A" in n for n in grads) and not any("base_layer" in n for n in grads)
+
+
 # ---------------------------------------------------------------- segment arithmetic
 def test_segment_softmax_and_pooling_match_loops():
     torch.manual_seed(0)
