@@ -81,16 +81,19 @@ def embed_task(files: list[str], args: argparse.Namespace, task: str) -> tuple[n
     return as_np("q")[order], as_np("p")[order], ids
 
 
-def exact_search(queries: np.ndarray, positives: np.ndarray, depth: int, chunk: int = 1024):
+def exact_search(queries: np.ndarray, positives: np.ndarray, depth: int, rows: np.ndarray | None = None,
+                 chunk: int = 1024):
     """Yields (rows, own, scores, cols) per chunk of queries: the rows' indices, their scores with
-    their own positives, and their `depth` best positives of other rows (scores, indices)."""
+    their own positives, and their `depth` best positives of other rows (scores, indices).
+    `rows`: the queries to search (default: all)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, p = (torch.from_numpy(np.asarray(x, np.float32)).to(device) for x in (queries, positives))
-    for lo in range(0, len(q), chunk):
-        sims = q[lo:lo + chunk] @ p.T  # (c, n)
-        idx = torch.arange(lo, min(len(q), lo + chunk), device=device)
+    rows = torch.arange(len(q), device=device) if rows is None else torch.as_tensor(rows, device=device)
+    for lo in range(0, len(rows), chunk):
+        idx = rows[lo:lo + chunk]
+        sims = q[idx] @ p.T  # (c, n)
         at = torch.arange(len(idx), device=device)
         own = sims[at, idx].clone()
         sims[at, idx] = float("-inf")  # never the row's own positive
@@ -122,38 +125,35 @@ def hnsw_search(queries: np.ndarray, positives: np.ndarray, depth: int, chunk: i
         yield idx, own, scores, cols
 
 
-def recall(queries: np.ndarray, positives: np.ndarray, depth: int, sample: int = 1000, seed: int = 0) -> float:
-    """HNSW's recall@depth against exact search, on a sample of queries."""
-    rows = np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False)
-    exact = {}
-    for lo in range(0, len(rows), 256):  # each sampled query against every positive, exactly
-        part = rows[lo:lo + 256]
-        sims = queries[part] @ positives.T
-        sims[np.arange(len(part)), part] = -np.inf
-        for i, r in enumerate(part):
-            exact[r] = set(np.argpartition(-sims[i], depth)[:depth].tolist())
-    found = {}
-    for idx, _, _, cols in hnsw_search(queries, positives, depth):
-        for i, r in enumerate(idx):
-            if r in exact:
-                found[r] = set(cols[i].tolist())
-    return float(np.mean([len(exact[r] & found[r]) / depth for r in rows]))
+def recall(queries: np.ndarray, positives: np.ndarray, depth: int, found: dict[int, list[int]]) -> float:
+    """recall@depth of the neighbours `found` (row → positive indices, from HNSW) against exact
+    search on those rows."""
+    rows = np.fromiter(found, dtype=np.int64)
+    hits = [len(set(cols[k].tolist()) & set(found[int(r)]))
+            for idx, _, _, cols in exact_search(queries, positives, depth, rows) for k, r in enumerate(idx)]
+    return float(np.mean(hits)) / depth if hits and depth else float("nan")
 
 
 def select(queries: np.ndarray, positives: np.ndarray, texts: list[str | None], n: int, depth: int,
-           margin: float, index: str = "exact") -> tuple[list[list[str]], dict[str, int]]:
+           margin: float, index: str = "exact", recall_sample: int = 1000) -> tuple[list[list[str]], dict]:
     """TopK-PercPos: each row's `n` negatives among the `depth` best positives of other rows, less
     those above margin × its own positive's score and those with its positive's text. `texts`:
     the positives' texts, None where a positive is an image (no text negative to make of it).
-    `index`: "exact" or "hnsw" (FAISS)."""
+    `index`: "exact" or "hnsw" (FAISS); with HNSW, counts["recall"] is its recall@depth against
+    exact search on `recall_sample` rows, from the candidates this search found."""
     rows = len(texts)
     depth = min(depth, rows - 1)
     counts = {"rows": rows, "candidates": 0, "dropped_false_negative": 0, "dropped_identical": 0,
               "skipped_not_text": 0, "negatives": 0}
     out: list[list[str]] = []
     search = hnsw_search if index == "hnsw" else exact_search
+    sampled = set(np.random.default_rng(0).choice(rows, min(recall_sample, rows), replace=False).tolist()) \
+        if index == "hnsw" else set()
+    found: dict[int, list[int]] = {}
     for idx, own, scores, cols in search(queries, positives, depth):
         for k, i in enumerate(idx.tolist()):
+            if i in sampled:
+                found[i] = [j for j in cols[k].tolist() if j >= 0]
             keep = []
             for score, j in zip(scores[k].tolist(), cols[k].tolist()):
                 if j < 0:  # HNSW found fewer than asked
@@ -169,6 +169,8 @@ def select(queries: np.ndarray, positives: np.ndarray, texts: list[str | None], 
                     keep.append(texts[j])
             out.append(keep)
             counts["negatives"] += len(keep)
+    if found:
+        counts["recall"] = recall(queries, positives, depth, found)
     return out, counts
 
 
@@ -236,12 +238,11 @@ def run(args: argparse.Namespace) -> dict:
             cache.with_suffix(".tmp.npz").replace(cache)
         texts = positive_texts(files)
         index = args.index if args.index != "auto" else ("hnsw" if len(texts) >= args.exact_max else "exact")
-        if index == "hnsw":
-            print(f"{task}: HNSW search over {len(texts):,} positives; recall@{min(args.depth, len(texts) - 1)} "
-                  f"against exact search on a sample: "
-                  f"{recall(queries, positives, min(args.depth, len(texts) - 1)):.3f}", flush=True)
         negatives, counts = select(queries, positives, texts, args.negatives, args.depth, args.margin, index)
         counts["index"] = index
+        if "recall" in counts:
+            print(f"{task}: HNSW search over {len(texts):,} positives; recall@{min(args.depth, len(texts) - 1)} "
+                  f"against exact search on a sample: {counts['recall']:.3f}", flush=True)
         write_task(files, out / task, negatives)
         report[task] = counts
         report_path.parent.mkdir(parents=True, exist_ok=True)
