@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: setup
+	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml point one way
 	$(BIN)/python -m pytest -q --durations=15
 
 test-all: setup

@@ -35,7 +35,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipelines.train import build_trainer
+    from vipoly.train.launch import build_trainer
     from vipoly.config import load_config
     from vipoly.data.synthetic import main as synthetic
     from vipoly.model.inputs import write_inputs

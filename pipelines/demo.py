@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
     from pipelines import embed, evaluate, train
     from vipoly.data.synthetic import main as synthetic
 

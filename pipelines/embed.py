@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.cli import run_cli
+from vipoly.ray_init import init_ray
 
 LANCE = "embeddings.lance"  # the Lance dataset inside OUTPUT (--format lance)
 ERRORS = "_errors.jsonl"  # "_" prefix: Parquet readers skip it, so OUTPUT reads as one dataset
@@ -455,9 +456,7 @@ def run(args: argparse.Namespace) -> dict:
     # Small inputs give an operator fewer blocks than its concurrency cap; Ray warns about each.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
 
-    we_start_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)  # RAY_ADDRESS / `ray job submit` → that cluster
+    we_start_ray = init_ray(log_to_driver=False)
     check_resources(args, ray.cluster_resources(), strict=we_start_ray)
 
     # Files with the same format and columns are read together (one read, many blocks).

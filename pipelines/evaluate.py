@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from vipoly.config import ConfigError, add_config_args, config_from_args
-from vipoly.eval.loading import inference_overrides, load_for_inference, read_meta
+from vipoly.eval.loading import inference_overrides, load_for_inference
 from vipoly.eval.report import write_report
 from vipoly.eval.suites import Item, Options, parse_suite
+from vipoly.folder import read_meta
 from vipoly.tasks import TASKS, check_task
 
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     print(f"[evaluate] wrote {json_path} and {md_path}", file=sys.stderr)
     if args.card is not None:
-        from vipoly.model.card import evaluation_markdown, set_evaluation
+        from vipoly.eval.report import evaluation_markdown
+        from vipoly.model.card import set_evaluation
 
         card = set_evaluation(args.card, evaluation_markdown(results, meta))
         print(f"[evaluate] model card: {card}", file=sys.stderr)
@@ -119,10 +121,7 @@ def check_card_target(model_dir: Path) -> None:
     """--card's folder must be a saved model whose README.md, if any, is a model card we can edit:
     checked before any model work, so a typo does not cost an evaluation run."""
     from vipoly.model.card import CARD_FILE, check_card
-    from vipoly.model.inputs import META_FILE
-
-    if not (model_dir / META_FILE).is_file():
-        raise ValueError(f"{model_dir}: not a saved PolyEmbedder (no {META_FILE})")
+    read_meta(model_dir)
     if (model_dir / CARD_FILE).is_file():
         check_card(model_dir / CARD_FILE)
 

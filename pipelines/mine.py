@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.cli import run_cli
+from vipoly.ray_init import init_ray
 
 EMBEDDINGS = "_embeddings"
 REPORT = "mine_report.json"
@@ -202,7 +203,7 @@ def write_task(files: list[str], out_dir: Path, negatives: list[list[str]]) -> N
 
 def run(args: argparse.Namespace) -> dict:
     from vipoly.data.shards import MANIFEST, task_sources
-    from vipoly.model.inputs import is_polyembedder_dir
+    from vipoly.folder import is_polyembedder_dir
 
     args.model, args.data = str(Path(args.model).resolve()), str(Path(args.data).resolve())  # workers' cwd differs
     out = Path(args.out)
@@ -217,9 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--tasks {missing}: {args.data} has no shards for them (it has {sorted(sources)})")
     report_path = out / REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    import ray
-
-    ray.init(address=args.ray_address, ignore_reinit_error=True, include_dashboard=False)  # ray
+    init_ray(args.ray_address)
     for task in tasks:
         files = sources[task]
         if task in report and all((out / task / Path(f).name).is_file() for f in files):

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from vipoly.folder import read_meta
 from vipoly.tasks import TASKS
 
 
@@ -41,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.benchmark or args.task or args.squad):
         raise SystemExit("nothing to run: give --benchmark, --task or --squad")
-    if not (Path(args.model) / "vipoly.json").is_file():
-        raise SystemExit(f"--model {args.model}: not a saved PolyEmbedder (no vipoly.json)")
+    try:
+        read_meta(args.model, "--model")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     import mteb
 
     from vipoly.eval.mteb import evaluate, squad_task

@@ -39,7 +39,7 @@ def check_folder(model_dir: Path) -> list[Path]:
     ValueError naming the file or key otherwise."""
     from vipoly.model.card import CARD_FILE, check_card
     from vipoly.model.embedder import FORMAT, HEADS_FILE
-    from vipoly.model.inputs import META_FILE
+    from vipoly.folder import META_FILE
     from vipoly.st import read_st_config
 
     if not model_dir.is_dir():

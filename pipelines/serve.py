@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from vipoly.ray_init import init_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,13 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import ray  # --- Ray from here on
-    from ray import serve
+    from ray import serve  # --- Ray from here on
 
     from vipoly.serve.app import build_app
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)  # RAY_ADDRESS / `ray job submit` → that cluster
+    init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     print(f"[serve] http://{cfg.host}:{cfg.port}/v1/embeddings  (model {cfg.model}; Ctrl-C stops)", flush=True)
     serve.run(build_app(cfg), name="vipoly", route_prefix="/", blocking=True)

@@ -10,145 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from vipoly.config import Config, ConfigError, Strategy, add_config_args, config_from_args
-
-
-def init_ray(address: str | None) -> None:
-    import ray  # ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # ray: the cluster (`ray job submit` sets RAY_ADDRESS)
-    else:
-        ray.init(include_dashboard=False)  # ray: embedded local instance
-
-
-def build_trainer(cfg: Config, run_dir: Path, plan=None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray
-    from ray.train.torch import TorchConfig, TorchTrainer  # ray
-
-    from vipoly.train.batches import StreamFactory
-    from vipoly.train.loop import train_loop_per_worker
-
-    t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    strategic = sum(1 for s in t.strategic_checkpoints if t.max_steps < 0 or s <= t.max_steps)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan)},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=t.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            # Latest is always kept; strategic checkpoints outscore periodic ones (see loop._checkpoint).
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints + strategic,
-                                               checkpoint_score_attribute="checkpoint_score"),
-        ),
-    )
-
-
-def check_config(cfg: Config):
-    """Fail before any worker starts: data present and plannable (no empty file or source, enough
-    rows for the lanes, a number of workers that owns whole lanes), strategy available. Returns
-    the run's `Plan` (vipoly.data.plan), built from the Parquet footers."""
-    from vipoly.data.stream import build_plan
-
-    try:
-        plan = build_plan(cfg)
-        plan.check_workers(cfg.train.num_workers)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise ConfigError(f"data.root / data.sources: {e}") from None
-    if cfg.train.strategy != Strategy.DDP:
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(f"train.strategy={cfg.train.strategy.value} needs deepspeed: {e}") from None
-    return plan
-
-
-PLAN_FILE = "plan.json"
-PLAN_KEYS = ("global_batch_size", "grad_accum", "partitions", "shuffle_buffer", "seed", "weights", "rows")
-
-
-def keep_plan(cfg: Config, run_dir: Path):
-    """The run's plan, the same as when `run_dir` first trained: a re-run keeps the saved global
-    batch G (so a resume on another number of workers continues the same order with a new
-    per-worker batch) and is refused, before any worker starts, when the data, the mix or the
-    order's keys changed, or when its number of workers cannot own whole lanes."""
-    path = run_dir / PLAN_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    if saved is not None:
-        G, t = saved["global_batch_size"], cfg.train
-        if t.global_batch_size not in (None, G) or t.grad_accum != saved["grad_accum"]:
-            raise ConfigError(f"{run_dir} trains with train.global_batch_size={G} and train.grad_accum="
-                              f"{saved['grad_accum']}; changing them changes the sample order: use a new run.dir")
-        allowed = [w for w in range(1, 1025) if saved["partitions"] % w == 0 and saved["chunk"] % w == 0]
-        if t.num_workers not in allowed:
-            raise ConfigError(f"train.num_workers={t.num_workers} cannot continue {run_dir}: its global order has "
-                              f"{saved['partitions']} lanes (data.partitions) and contrastive batches of "
-                              f"{saved['chunk']}; allowed: {allowed}")
-        t.batch_size = G // (t.num_workers * t.grad_accum)
-        t.global_batch_size = G
-    plan = check_config(cfg)
-    if saved is not None:
-        now = plan.summary()
-        changed = [k for k in PLAN_KEYS if json.loads(json.dumps(now[k])) != saved[k]]
-        if changed:
-            raise ConfigError(f"{run_dir} was planned with other {', '.join(changed)} ({path}); the data or the "
-                              f"order's keys changed since: use a new run.dir, or restore them")
-    return plan
-
-
-def describe(plan, cfg: Config) -> str:
-    t = cfg.train
-    steps = t.max_steps if t.max_steps >= 0 else (t.steps_per_epoch or plan.steps_per_epoch()) * t.epochs
-    return (f"plan: {plan.num_rows:,} rows in {len(plan.sources)} source(s); {plan.global_batch} samples a step "
-            f"({t.num_workers} worker(s) × {t.grad_accum} × {t.batch_size}); "
-            f"{t.steps_per_epoch or plan.steps_per_epoch():,} steps an epoch, {steps:,} in all; "
-            f"resumable on {plan.allowed_workers()} workers")
-
-
-def warn_unplaceable(cfg: Config) -> None:
-    """Say so when the cluster as it is now cannot place the workers: Ray Train then waits (for an
-    autoscaler to add nodes) without a word, which on a fixed cluster looks like a hang."""
-    import ray
-
-    t = cfg.train
-    need = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    fits = lambda res: all(res.get(k, 0) >= v for k, v in need.items())  # noqa: E731
-    if t.placement_strategy.startswith("STRICT_SPREAD"):
-        ok = sum(fits(r) for r in nodes) >= t.num_workers
-        what = f"{t.num_workers} nodes that each have {need}"
-    elif t.placement_strategy == "STRICT_PACK":
-        ok = any(all(r.get(k, 0) >= v * t.num_workers for k, v in need.items()) for r in nodes)
-        what = f"one node with {t.num_workers} × {need}"
-    else:
-        ok = all(sum(r.get(k, 0) for r in nodes) >= v * t.num_workers for k, v in need.items())
-        what = f"{t.num_workers} × {need} in all"
-    if not ok:
-        print(f"warning: train.placement_strategy={t.placement_strategy} needs {what}; the cluster has "
-              f"{len(nodes)} node(s) with {[{k: r.get(k, 0) for k in need} for r in nodes]}. The run waits "
-              f"until nodes are added (autoscaler) — on a fixed cluster, lower train.num_workers or change "
-              f"the strategy.", file=sys.stderr, flush=True)
-
-
-def latest_step(run_dir: Path) -> int:
-    """Steps already done by an earlier run in `run_dir` (its newest complete checkpoint), 0 if none.
-    Ray Train restores that same checkpoint: it is the latest one reported."""
-    names = [p.parent.name for p in run_dir.glob("checkpoint-*/state.pt")]
-    return max((int(n.split("-")[1]) for n in names), default=0)
+from vipoly.config import ConfigError, add_config_args, config_from_args
+from vipoly.folder import is_polyembedder_dir
+from vipoly.ray_init import init_ray
+from vipoly.train.launch import PLAN_FILE, build_trainer, describe, keep_plan, latest_step, warn_unplaceable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         from vipoly.model.tiny import build_tiny
 
         init = run_dir / "init-model"
-        if not (init / "vipoly.json").exists():
+        if not is_polyembedder_dir(init):
             build_tiny(init, seed=cfg.train.seed)
         cfg.model.backbone = str(init)
     from vipoly.model.inputs import effective_model_config, write_inputs
@@ -182,13 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     write_inputs(cfg)  # run.dir/inputs: the data workers' tokenizer, image processor and model config
     cfg.save(run_dir / "config.yaml")
     (run_dir / "STOPPED").unlink(missing_ok=True)
-    print(f"vipoly train → {run_dir}\n{(run_dir / 'config.yaml').read_text()}", flush=True)
+    shown = f"\n{(run_dir / 'config.yaml').read_text()}" if cfg.run.verbose else f" (config: {run_dir / 'config.yaml'})"
+    print(f"vipoly train → {run_dir}{shown}", flush=True)
     print(describe(plan, cfg), flush=True)
 
     done = latest_step(run_dir)
     if done:
         print(f"resumed from step {done}", flush=True)
-    init_ray(cfg.run.ray_address)
+    init_ray(cfg.run.ray_address, dashboard=True)
     warn_unplaceable(cfg)
     result = build_trainer(cfg, run_dir, plan).fit()  # ray
     if (run_dir / "STOPPED").exists():

@@ -59,7 +59,7 @@ def test_submit_runs_the_tiny_training_job(head, tmp_path, tiny_model_dir):
                   "--set train.max_steps=3 --set train.checkpoint_every=3 --set run.wandb=disabled "
                   "--set train.num_workers=1 --set train.cpus_per_worker=0.5")
     rc, logs = rjh.submit(head, entrypoint, working_dir=REPO,
-                          runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}, timeout_s=420)
+                          runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}}, timeout_s=420)
     assert rc == 0, logs[-3000:]
     assert "done:" in logs, logs[-3000:]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines import train as train_pipeline
 from vipoly.tasks import TASKS
+from vipoly.train.launch import warn_unplaceable
 from vipoly.train.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +29,11 @@ def init_model(tmp_path_factory, tiny_model_dir) -> Path:
     return tiny_model_dir
 
 
-def train(run_dir: Path, data_root: Path, init_model: Path, *sets: str) -> int:
+def train(run_dir: Path, data_root: Path, init_model: Path, *sets: str, wandb: str = "disabled") -> int:
+    """pipelines.train on the tiny model, 6 steps. wandb runs offline in the straight, paused and
+    resumed runs, which check its records; elsewhere it is off (its start-up costs ≈5 CPU-seconds)."""
     args = ["--config", TINY, "--set", f"data.root={data_root}", "--set", f"run.dir={run_dir}",
-            "--set", f"model.backbone={init_model}", "--set", "run.wandb=offline",
+            "--set", f"model.backbone={init_model}", "--set", f"run.wandb={wandb}",
             "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--set", "train.log_every=1"]
     for s in sets:
         args += ["--set", s]
@@ -44,7 +47,7 @@ def steps(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, ray_session, data_root, init_model) -> Path:
     run = tmp_path_factory.mktemp("runs") / "straight"
-    assert train(run, data_root, init_model) == 0
+    assert train(run, data_root, init_model, wandb="offline") == 0
     return run
 
 
@@ -62,6 +65,7 @@ def test_run_directory_contract(straight):
     assert "params/total" not in rows[1]
     assert (straight / "config.yaml").is_file() and (straight / "report.md").is_file()
     assert (straight / "plots" / "loss_per_task.png").is_file()
+    assert len(list((straight / "wandb").glob("offline-run-*/run-*.wandb"))) == 1  # rank 0's offline record
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000006"]
 
 
@@ -90,7 +94,7 @@ def paused(tmp_path_factory, ray_session, data_root, init_model) -> Path:
     """The straight run paused after step 3 on 2 workers: resumed on 2 workers and on 1 below
     (each test resumes a copy of it)."""
     run = tmp_path_factory.mktemp("runs") / "paused"
-    assert train(run, data_root, init_model, "train.stop_after=3") == 0
+    assert train(run, data_root, init_model, "train.stop_after=3", wandb="offline") == 0
     assert [r["step"] for r in steps(run)] == [1, 2, 3]
     return run
 
@@ -106,8 +110,11 @@ def resumable_copy(paused: Path, run: Path) -> Path:
 def test_resume_gives_the_same_run(tmp_path, ray_session, straight, paused, data_root, init_model, capfd):
     run = resumable_copy(paused, tmp_path / "split")
     capfd.readouterr()
-    assert train(run, data_root, init_model) == 0
+    assert train(run, data_root, init_model, wandb="offline") == 0
     assert "resumed from step 3" in capfd.readouterr().out
+    # wandb resumed the paused run's record (same id) instead of starting another.
+    records = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(records) == 2 and len({name.rsplit("-", 1)[1] for name in records}) == 1, records
     a, b = steps(straight), steps(run)
     assert [r["step"] for r in b] == list(range(1, 7))  # no repeated steps
     for ra, rb in zip(a, b):
@@ -357,10 +364,10 @@ def test_unplaceable_workers_are_named_before_the_wait(ray_session, capsys):
     from vipoly.config import load_config
 
     one_node = load_config(TINY, ["train.num_workers=2", "train.placement_strategy=STRICT_SPREAD"])
-    train_pipeline.warn_unplaceable(one_node)
+    warn_unplaceable(one_node)
     err = capsys.readouterr().err
     assert "train.placement_strategy=STRICT_SPREAD needs 2 nodes" in err and "1 node(s)" in err
-    train_pipeline.warn_unplaceable(load_config(TINY, ["train.num_workers=2", "train.placement_strategy=PACK"]))
+    warn_unplaceable(load_config(TINY, ["train.num_workers=2", "train.placement_strategy=PACK"]))
     assert capsys.readouterr().err == ""
 
 

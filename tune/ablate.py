@@ -28,7 +28,7 @@ import numpy as np
 
 from tune import plots, results
 from tune.config import Harness
-from tune.runner import build_inits, fixed_points, init_ray, interrupted, open_harness, run_experiment
+from tune.runner import build_inits, fixed_points, interrupted, start_ray, open_harness, run_experiment
 from tune.space import apply_params
 from tune.trial import Job
 from vipoly.config import Config, ConfigError
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     a = harness.ablate
     print(f"vipoly ablate → {root}: {len(points) // len(a.seeds)} cells × {len(a.seeds)} seeds", flush=True)
 
-    init_ray(cfg, a.max_concurrent, a.trial_resources.get("CPU", 0.0))
+    start_ray(cfg, a.max_concurrent, a.trial_resources.get("CPU", 0.0))
     inits = build_inits(cfg, root, a.seeds)
     job = Job(cfg=cfg.to_dict(), root=str(root), experiment="ablate", heldout=harness.heldout.model_dump(mode="json"),
               inits=inits)

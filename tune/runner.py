@@ -17,13 +17,15 @@ from tune.config import Harness
 from tune.space import Range
 from tune.trial import Job, run_trial
 from vipoly.config import Config, ConfigError
+from vipoly.folder import is_polyembedder_dir
+from vipoly.ray_init import init_ray
 
 METRIC, MODE = "objective", "max"
 
 
 def prepare_data(harness: Harness, cfg: Config) -> None:
     """Generate synthetic train / held-out data where asked and absent; fail naming what is missing."""
-    from pipelines.train import check_config
+    from vipoly.train.launch import check_config
 
     root = cfg.data.root
     if harness.synthetic is not None:
@@ -69,23 +71,15 @@ def open_harness(prog: str, doc: str | None, argv: list[str] | None, section: st
     return harness, cfg, root
 
 
-def init_ray(cfg: Config, concurrent: int, trial_cpus: float) -> None:
+def start_ray(cfg: Config, concurrent: int, trial_cpus: float) -> None:
     """Join the cluster (run.ray_address, RAY_ADDRESS, `ray job submit`), or start a local Ray whose
     logical CPUs fit `concurrent` trials. Each trial needs its Train workers' CPUs plus one whole
     CPU for its Ray Data read tasks: with less free the data stream waits forever, and with it the
     trial (2 trials × 0.5-CPU workers on a 2-core machine deadlock). Logical CPUs above the cores
     only oversubscribe them, as the tests' shared Ray does."""
-    import ray  # ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # ray: the cluster sizes itself
-        return
     t = cfg.train
     need = concurrent * (t.num_workers * t.cpus_per_worker + 1.0 + trial_cpus)
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)  # ray: embedded
+    init_ray(cfg.run.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), dashboard=True)
 
 
 def interrupted(grid) -> bool:
@@ -103,7 +97,7 @@ def build_inits(cfg: Config, root: Path, seeds) -> dict[int, str]:
     out = {}
     for seed in sorted(set(seeds)):
         d = root / "init-models" / f"seed-{seed}"
-        if not (d / "vipoly.json").exists():
+        if not is_polyembedder_dir(d):
             build_tiny(d, seed=seed)
         out[seed] = str(d)
     return out

@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         results.read(root)
         if args.oat:
             from tune.config import load_harness
-            from tune.runner import init_ray
+            from tune.runner import start_ray
             from tune.sweep import run_oat
 
             harness, cfg = load_harness(root / "sweep.yaml", section="sweep")
-            init_ray(cfg, harness.sweep.max_concurrent, harness.sweep.trial_resources.get("CPU", 0.0))
+            start_ray(cfg, harness.sweep.max_concurrent, harness.sweep.trial_resources.get("CPU", 0.0))
             run_oat(root.resolve(), args.oat)
         path = write_report(root, all_trials=args.all_trials)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

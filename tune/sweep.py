@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python -m tune.sweep --config configs/sweep-alpha-2b.yaml
 
 Each trial trains the model with one point of the search space (a Ray Train `TorchTrainer`, built by
-`pipelines.train.build_trainer`) and is scored on held-out canonical shards: the mean over tasks
+`vipoly.train.launch.build_trainer`) and is scored on held-out canonical shards: the mean over tasks
 of a retrieval metric, or its worst task (`heldout.objective`). Optuna TPE proposes points and ASHA
 stops weak trials at intermediate evaluations by default; random search, a full grid and a
 Saltelli/Sobol design are one `sweep.searcher` away. run.dir then holds
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tune import results
 from tune.config import Harness, load_harness
-from tune.runner import build_inits, distributions, fixed_points, init_ray, interrupted, open_harness, run_experiment
+from tune.runner import build_inits, distributions, fixed_points, interrupted, start_ray, open_harness, run_experiment
 from tune.space import grid_points, oat_points, resolve_space, sobol_design
 from tune.trial import Job
 from vipoly.config import Config, ConfigError
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{harness.heldout.metric} over tasks on {harness.heldout.root}\n"
           + "\n".join(f"  {n}: [{r.low:g}, {r.high:g}]{' log' if r.log else ''}" for n, r in space.items()), flush=True)
 
-    init_ray(cfg, s.max_concurrent, s.trial_resources.get("CPU", 0.0))
+    start_ray(cfg, s.max_concurrent, s.trial_resources.get("CPU", 0.0))
     inits = build_inits(cfg, root, [cfg.train.seed])
     param_space, n, algo, scheduler = search(harness, cfg)
     grid = run_experiment(job(harness, cfg, root, "search", inits, eval_every(harness, cfg)), param_space=param_space,

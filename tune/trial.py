@@ -129,7 +129,7 @@ def train_and_evaluate(cfg: Config, run_dir: Path, heldout: HeldoutConfig, eval_
                        inits: dict[int, str]) -> Iterator[tuple[int, dict[str, float]]]:
     """Train in chunks of `eval_every` steps (one chunk when None), yielding (step, held-out metrics)
     after each. Resumes from the run directory's latest checkpoint."""
-    from pipelines.train import build_trainer, latest_step
+    from vipoly.train.launch import build_trainer, latest_step
 
     cfg = prepare_run(cfg, run_dir, inits)
     total = cfg.train.max_steps

@@ -30,7 +30,6 @@ A test checks that every row encodes exactly as `InputBuilder.encode_one` encode
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -41,10 +40,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vipoly.tasks import TASK_INDEX, TASKS, prefix
+from vipoly.folder import read_meta
+from vipoly.ray_init import init_ray
 
 SIDES = {"q": ("query_text", "query_images"), "p": ("pos_text", "pos_images")}
 ENCODED_KEYS = ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-META_FILE = "vipoly.json"  # the PolyEmbedder's own file (vipoly.model.inputs.META_FILE)
 VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|endoftext|>")
 
 
@@ -65,10 +65,7 @@ class TextEncoder:
         from vipoly.config import ModelConfig
 
         model_dir = Path(model_dir)
-        meta = model_dir / META_FILE
-        if not meta.is_file():
-            raise ValueError(f"{model_dir} is not a PolyEmbedder directory (no {META_FILE})")
-        self.max_length = ModelConfig.model_validate(json.loads(meta.read_text())["model"]).max_length
+        self.max_length = ModelConfig.model_validate(read_meta(model_dir)["model"]).max_length
         self.tokenizer = _rust_tokenizer(model_dir)
         ids = [self.tokenizer.token_to_id(t) for t in VISION_TOKENS]
         missing = [t for t, i in zip(VISION_TOKENS, ids) if i is None]
@@ -484,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = write_inputs(cfg)
     text_encoder(model_dir)  # a wrong model folder fails here, before any task starts
     files = sorted({f for fs in resolve_sources(cfg.data).values() for f in fs})
-    ray.init(address=cfg.run.ray_address, ignore_reinit_error=True, include_dashboard=False)  # ray
+    init_ray(cfg.run.ray_address)
     task = ray.remote(num_cpus=1)(encode_file)  # ray: one file per task
     pending = [task.remote(f, cache, model_dir) for f in files]
     done = []

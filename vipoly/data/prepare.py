@@ -13,7 +13,6 @@ Every row ends in exactly one place: a shard or the quarantine (the summary chec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,10 @@ from vipoly.data.shards import (MANIFEST, QUARANTINE, TaskShardSink, read_parque
                                  write_quarantine)
 from vipoly.data.validate import RowValidator, duplicate_losers
 from vipoly.tasks import TASKS
+from vipoly.ray_init import init_ray
 
 STAGING = "_staging"
 BATCH_ROWS = 1024
-
-
-def init_ray(address: str | None = None) -> None:
-    import ray  # ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # ray: an existing cluster
-    else:
-        ray.init(address="local", include_dashboard=False)  # ray: embedded (never a stray local cluster)
 
 
 def convert_stage(batch: dict[str, np.ndarray], opts: dict[str, Any]):

@@ -7,14 +7,13 @@ would change what the model *is* (backbone, pooling, projection) is ignored: the
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vipoly.config import Config, ModelConfig
+from vipoly.folder import read_meta
 
 INFERENCE_FIELDS = ("attn_implementation", "dtype", "max_length", "image_max_pixels", "image_min_pixels")
-META_FILE = "vipoly.json"  # written by PolyEmbedder.save_pretrained
 
 
 def inference_overrides(cfg: Config) -> dict[str, Any]:
@@ -22,17 +21,9 @@ def inference_overrides(cfg: Config) -> dict[str, Any]:
     return {k: getattr(cfg.model, k) for k in sorted(cfg.model.model_fields_set) if k in INFERENCE_FIELDS}
 
 
-def read_meta(model_dir: str | Path) -> dict[str, Any]:
-    """A saved PolyEmbedder's vipoly.json; ValueError naming the folder if it is not one."""
-    meta_file = Path(model_dir) / META_FILE
-    if not meta_file.is_file():
-        raise ValueError(f"--model {model_dir}: not a saved PolyEmbedder (no {META_FILE})")
-    return json.loads(meta_file.read_text())
-
-
 def effective_model_config(model_dir: str | Path, overrides: dict[str, Any]) -> ModelConfig:
     """The saved ModelConfig with the inference overrides applied (validated as a whole)."""
-    saved = read_meta(model_dir)["model"]
+    saved = read_meta(model_dir, "--model")["model"]
     return ModelConfig.model_validate({**saved, **overrides})
 
 

@@ -13,10 +13,10 @@ prompts where it has a default task, else no prefix.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from vipoly.folder import read_meta
 from vipoly.tasks import check_task, prefix
 
 LANG_SCRIPT = {"vi": "vie-Latn", "en": "eng-Latn", "zh": "zho-Hans"}
@@ -71,7 +71,7 @@ def encoder(model_dir: str | Path, prompt: str | None = None, device: str | None
     check_task(prompt)
     model = load(model_dir, device=device)
     # MTEB names results after the model ("org/name"); the folder's own name, under vipoly/
-    meta = json.loads((Path(model_dir) / "vipoly.json").read_text())
+    meta = read_meta(model_dir)
     model.model_card_data.model_name = f"vipoly/{meta.get('name') or Path(model_dir).name}"
     # MTEB looks up `query` / `document` (or its own task names) and warns about any other key: the
     # model it gets holds just those two, from `prompt` or else the folder's own.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from vipoly.eval.suites import Result
 
@@ -60,3 +60,17 @@ def write_report(results: Sequence[Result], out: str | Path, meta: dict[str, Any
     json_path.write_text(json.dumps({**meta, "results": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False))
     md_path.write_text(markdown(results, meta))
     return json_path, md_path
+
+
+def evaluation_markdown(results: Sequence, meta: Mapping[str, Any]) -> str:
+    """The evaluation section's body from `pipelines.evaluate` results (`Result`s) and run meta."""
+    facts = [f"task {meta['task']}" if meta.get("task") else "no task prefix"]
+    facts += [f"{k} {meta[k]}" for k in ("limit", "dim") if meta.get(k) is not None]
+    lines = [f"`python -m pipelines.evaluate` on {meta.get('created', '')} ({', '.join(facts)}). Suites: "
+             + ", ".join(f"`{s}`" for s in meta.get("suites", [])) + ".", ""]
+    lines += tables(results, "###")
+    lines.append(BM25_NOTE)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- read the run

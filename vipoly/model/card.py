@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from vipoly.folder import read_meta
 from vipoly.tasks import LANGS, TASKS, prefix
 
 CARD_FILE = "README.md"
@@ -51,7 +52,7 @@ def write_card(model_dir: str | Path, run_dir: str | Path | None = None, config:
     evaluation: the evaluation section's body; None keeps the one the card already has.
     """
     model_dir = Path(model_dir)
-    meta = _read_meta(model_dir)
+    meta = read_meta(model_dir)
     run = Path(run_dir) if run_dir is not None else None
     if config is None and run is not None and (run / "config.yaml").is_file():
         config = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -103,20 +104,6 @@ def run_dir_of(model_dir: str | Path) -> Path | None:
     return parent if (parent / "config.yaml").is_file() else None
 
 
-def evaluation_markdown(results: Sequence, meta: Mapping[str, Any]) -> str:
-    """The evaluation section's body from `pipelines.evaluate` results (`Result`s) and run meta."""
-    from vipoly.eval.report import BM25_NOTE, tables
-
-    facts = [f"task {meta['task']}" if meta.get("task") else "no task prefix"]
-    facts += [f"{k} {meta[k]}" for k in ("limit", "dim") if meta.get(k) is not None]
-    lines = [f"`python -m pipelines.evaluate` on {meta.get('created', '')} ({', '.join(facts)}). Suites: "
-             + ", ".join(f"`{s}`" for s in meta.get("suites", [])) + ".", ""]
-    lines += tables(results, "###")
-    lines.append(BM25_NOTE)
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- read the run
 def training_summary(run_dir: Path | None, config: Mapping[str, Any], hardware: str | None = None) -> dict[str, Any]:
     """What the card says about training: steps, samples per task (and ≈ per language), loss, time."""
     out: dict[str, Any] = {"run_dir": str(run_dir) if run_dir else None, "hardware": hardware or _hardware_of(config)}
@@ -388,15 +375,6 @@ def _existing_evaluation(path: Path) -> str | None:
     text = path.read_text(encoding="utf-8")
     start, end = text.find(EVAL_START), text.find(EVAL_END)
     return text[start + len(EVAL_START):end].strip() if 0 <= start < end else None
-
-
-def _read_meta(model_dir: Path) -> dict[str, Any]:
-    from vipoly.model.inputs import META_FILE
-
-    path = model_dir / META_FILE
-    if not path.is_file():
-        raise ValueError(f"{model_dir}: not a saved PolyEmbedder (no {META_FILE})")
-    return json.loads(path.read_text())
 
 
 def _st_default(model_dir: Path) -> str | None:

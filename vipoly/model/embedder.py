@@ -34,7 +34,8 @@ from transformers import Qwen2VLModel
 
 from vipoly.config import ModelConfig
 from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
-from vipoly.model.inputs import META_FILE, InputBuilder, apply_explicit, decode_image, is_polyembedder_dir
+from vipoly.folder import META_FILE, is_polyembedder_dir, read_meta
+from vipoly.model.inputs import InputBuilder, apply_explicit, decode_image
 from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, unpack, varlen_implementations
 from vipoly.model.pooling import build_pooling
 from vipoly.model.projection import ProjectionHead, matryoshka
@@ -394,9 +395,7 @@ class PolyEmbedder(nn.Module):
         `model_fields_set`, e.g. from YAML or `--set`) override the saved config; a changed pooling or
         projection config gets fresh heads of the new kind (the pooling ablations start this way)."""
         model_dir = Path(model_dir)
-        if not is_polyembedder_dir(model_dir):
-            raise ValueError(f"{model_dir} is not a PolyEmbedder directory (no {META_FILE})")
-        meta = json.loads((model_dir / META_FILE).read_text())
+        meta = read_meta(model_dir)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{model_dir / META_FILE}: format {meta.get('format')!r}, this code reads {FORMAT}")
         saved = ModelConfig.model_validate(meta["model"])

@@ -34,10 +34,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from vipoly.config import Config, ModelConfig
+from vipoly.folder import META_FILE, is_polyembedder_dir, read_meta
 from vipoly.model.packing import pack_rows
 from vipoly.tasks import TASKS, check_task, prefix
 
-META_FILE = "vipoly.json"  # written by PolyEmbedder.save_pretrained
 
 
 def decode_image(x: Any) -> Image.Image:
@@ -62,11 +62,6 @@ def decode_image(x: Any) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"not an image: {e}") from None
     return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def is_polyembedder_dir(path: str | Path) -> bool:
-    """Whether `path` is a folder with vipoly.json (a saved PolyEmbedder), not a plain Qwen2-VL checkpoint."""
-    return (Path(path) / META_FILE).is_file()
 
 
 def apply_explicit(saved: ModelConfig, given: ModelConfig) -> ModelConfig:
@@ -98,7 +93,7 @@ def effective_model_config(model_cfg: ModelConfig) -> ModelConfig:
     `model_cfg` itself. Handed on as a whole, it builds the same model again (every field explicit)."""
     if not is_polyembedder_dir(model_cfg.backbone):
         return model_cfg
-    saved = ModelConfig.model_validate(json.loads((Path(model_cfg.backbone) / META_FILE).read_text())["model"])
+    saved = ModelConfig.model_validate(read_meta(model_cfg.backbone)["model"])
     return apply_explicit(saved, model_cfg).model_copy(update={"backbone": model_cfg.backbone})
 
 
@@ -164,8 +159,7 @@ class InputBuilder:
         """The builder of a saved PolyEmbedder, without loading its weights."""
         from vipoly.model.backbone import load_processor
 
-        meta = json.loads((Path(model_dir) / META_FILE).read_text())
-        return cls(load_processor(model_dir), ModelConfig.model_validate(meta["model"]))
+        return cls(load_processor(model_dir), ModelConfig.model_validate(read_meta(model_dir)["model"]))
 
     def _tokenize(self, text: str) -> list[int]:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]

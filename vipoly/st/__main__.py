@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from vipoly.model.card import CARD_FILE, run_dir_of, write_card
-from vipoly.model.inputs import META_FILE
+from vipoly.folder import META_FILE, is_polyembedder_dir
 from vipoly.st import ST_CONFIG_FILE, default_task, write_st_files
 from vipoly.tasks import TASKS
 
@@ -48,7 +48,7 @@ def run_of(model_dir: Path, given: str | None) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model_dir = Path(args.model_dir)
-    if not (model_dir / META_FILE).is_file():
+    if not is_polyembedder_dir(model_dir):
         raise SystemExit(f"{model_dir}: not a saved PolyEmbedder (no {META_FILE})")
     run = run_of(model_dir, args.run)
     config = (yaml.safe_load((run / "config.yaml").read_text()) or {}) if run else {}

@@ -14,16 +14,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from vipoly.config import Config, Strategy
+from vipoly.losses.gather import is_distributed
 from vipoly.model.embedder import COMPONENTS, component_of
-from vipoly.train.monitor import grad_norms
+from vipoly.train.monitor import grad_norms, say
 from vipoly.train.optim import build_optimizer, build_scheduler
 
 
 TRAINABLE_FILE = "trainable.safetensors"  # a LoRA checkpoint's weights: adapters and heads
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class DDPEngine:
@@ -33,7 +30,7 @@ class DDPEngine:
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.train)
         self.model = model
-        if _distributed():
+        if is_distributed():
             # Every trained parameter takes part in every step (a text-only batch still touches the
             # vision tower: PolyEmbedder._blank_image), so DDP need not search the graph for unused ones.
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -124,7 +121,7 @@ class DDPEngine:
 
 
 def deepspeed_config(cfg: Config, device: torch.device) -> dict:
-    world = dist.get_world_size() if _distributed() else 1
+    world = dist.get_world_size() if is_distributed() else 1
     # Under GradCache each chunk's backward is one DeepSpeed micro-step (`backward_chunk`).
     size = cfg.train.gradcache_chunk
     chunks = -(-cfg.train.batch_size // size) if size else 1
@@ -159,10 +156,10 @@ def build_model(cfg: Config, device: torch.device):
         model = PolyEmbedder.build(cfg.model)
     finally:
         unset_hf_deepspeed_config()  # later loads (rank 0's export copy) are whole again
-    if not _distributed() or dist.get_rank() == 0:
+    if not is_distributed() or dist.get_rank() == 0:
         counts = model.parameter_counts()
-        print(f"ZeRO-3: the model was built partitioned; rank 0 holds {counts['params/local']:,} of its "
-              f"{counts['params/total']:,} parameters", flush=True)
+        say(f"ZeRO-3: the model was built partitioned; rank 0 holds {counts['params/local']:,} of its "
+            f"{counts['params/total']:,} parameters")
     return model
 
 
@@ -222,7 +219,7 @@ class DeepSpeedEngine(DDPEngine):
             grad = _local_grad(p) if p.requires_grad else None
             if grad is not None:
                 sq[COMPONENTS.index(component_of(name))] += grad.double().pow(2).sum()
-        if _distributed():
+        if is_distributed():
             dist.all_reduce(sq)
         return {f"grad_norm/{c}": v for c, v in zip(COMPONENTS, sq.sqrt().tolist())}
 

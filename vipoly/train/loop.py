@@ -20,12 +20,13 @@ import torch.distributed as dist
 from vipoly.config import Config
 from vipoly.data.plan import PlanState
 from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
-from vipoly.losses.gather import candidates, masked_pairs
+from vipoly.losses.gather import candidates, is_distributed, masked_pairs
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
 from vipoly.train.engine import build_engine, build_model
 from vipoly.train.gradcache import CachedBatch
-from vipoly.train.monitor import Console, MetricsLog, Volatility, Wandb, pooling_entropy, weight_drift
+from vipoly.train.monitor import (Console, MetricsLog, Volatility, Wandb, pooling_entropy, quiet_worker_logs, say,
+                                   weight_drift)
 from vipoly.train.phases import dynamic_stw_active, is_checkpoint_step, phase_of
 from vipoly.train.report import write_report
 from vipoly.train.state import (load_all_data_positions, load_rank_state, load_run_state, save_rank_state,
@@ -67,7 +68,7 @@ class Context:
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
@@ -79,6 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None) -> dict:
     ctx = Context(use_ray)
+    if use_ray:
+        quiet_worker_logs(cfg.run.verbose, ctx.rank, ctx.device)
     run_dir = Path(cfg.run.dir)
     tcfg = cfg.train
     seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
@@ -109,7 +112,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
         if ctx.rank == 0:
-            print(f"resumed from step {start}", flush=True)
+            say(f"resumed from step {start}")
 
     rank0 = ctx.rank == 0
     if rank0:
@@ -216,7 +219,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
                 counts = None
             log.write(row)
             wb.log(row)
-            print(console.line(row), flush=True)
+            say(console.line(row))
 
         if tcfg.stop_after and done - start >= tcfg.stop_after and done < total:
             stopped = stopped or f"paused after {tcfg.stop_after} steps (train.stop_after); re-run to continue"
@@ -232,7 +235,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
             marker = run_dir / f".fault-injected-{done}"
             if not marker.exists():
                 marker.write_text("injected\n")
-                print(f"debug: killing worker rank {ctx.rank} after step {done}", flush=True)
+                say(f"debug: killing worker rank {ctx.rank} after step {done}")
                 os._exit(1)
 
     close = getattr(stream, "close", None)
@@ -245,7 +248,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         if stopped and not stopped.startswith("paused"):
             (run_dir / "STOPPED").write_text(stopped + "\n")
         if stopped:
-            print(stopped, flush=True)
+            say(stopped)
     return {"step": done, "stopped": stopped}
 
 

@@ -5,8 +5,10 @@ Everything here runs on world rank 0 only; the numbers it logs are already reduc
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -105,6 +107,28 @@ def _fmt(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def quiet_worker_logs(verbose: bool, rank: int, device: torch.device) -> None:
+    """A Ray Train worker's console: our INFO lines from rank 0 only (the others repeat them), and
+    Ray Train's INFO lines (each checkpoint report, logged by a logger outside `ray.train`) only
+    when run.verbose. A propagated record meets no ancestor's level, only the root's handlers, so
+    the root's level quiets loggers without a level of their own while `vipoly` keeps INFO."""
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("vipoly").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if device.type == "cpu":
+        # transformers' save_pretrained imports deepspeed when it is installed, which warns on
+        # every worker that it found no accelerator and picked the CPU: say so up front.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def say(line: str) -> None:
+    """One line on the worker's console. Not print(): in Ray Train's workers print is patched to
+    also log each line through the root logger, and because Ray wraps the workers' stdout, the
+    patch tees it as well, so every printed line reached the console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class Wandb:
