@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 test: setup
 	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml point one way
+	$(BIN)/python scripts/check_bounds.py  # transformers' lower bound in pyproject.toml runs the model tests
 	$(BIN)/python -m pytest -q --durations=15
 
 test-all: setup
@@ -27,4 +28,4 @@ demo: setup
 	$(BIN)/python -m pipelines.demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .lowest

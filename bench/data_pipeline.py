@@ -7,7 +7,7 @@ On synthetic shards (written to a temporary folder) and the tiny model's process
   full pipeline   the training stream (vipoly.data.stream: the global order's selection, the
                   lanes' raw reads, encoding — tokenizer in this process, image decode + image
                   processor in Ray tasks — and collation into padded batches), one worker
-  pre-encoded     text only: the same, reading the copies `python -m vipoly.data.encode` writes
+  pre-encoded     text only: the same, reading the copies `python -m pipelines.pretokenize` writes
                   (tokenised once per data set and tokenizer) instead of tokenising as it streams
 for a text mix (text_pair + instr) and an image mix (ocr + vqa_single + vqa_multi), each source
 holding its share of n / PASS rows: the stream draws 95% of one pass, so both paths read about the
@@ -65,7 +65,7 @@ def stream_rate(data, model_dir, n: int, batch: int, collate, encoded: bool = Fa
     `data` (global batch = `batch`), after a short pass that starts the Ray workers it needs and
     loads the processor in them (as the raw read gets a warm-up pass)."""
     from vipoly.config import Config
-    from vipoly.data.encode import default_cache, encoded_files
+    from vipoly.data.pretokenized import default_cache, encoded_files
     from vipoly.data.stream import PlannedStream, build_plan
 
     cfg = Config.model_validate({"data": data.model_dump(), "train": {"global_batch_size": batch, "grad_accum": 1,
@@ -93,24 +93,25 @@ def encode_in_process(files: dict[str, list[str]], model_dir, n: int, batch: int
     import pyarrow as pa
 
     from vipoly.data.collate import collate_pairs, load_builder
-    from vipoly.data.encode import encode_table, table_rows
+    from vipoly.data.tokenize import tokenize_table
+    from vipoly.data.blocks import table_rows
 
     builder = load_builder(str(model_dir))
     table = pa.concat_tables([pq.read_table(fs[0]).slice(0, n // len(files) + 1) for fs in files.values()]).slice(0, n)
-    encode_table(table.slice(0, batch), str(model_dir))  # load the tokenizer / processor first
+    tokenize_table(table.slice(0, batch), str(model_dir))  # load the tokenizer / processor first
     t = time.perf_counter()
     for i in range(0, table.num_rows, batch):
-        collate_pairs(table_rows(encode_table(table.slice(i, batch), str(model_dir))), builder)
+        collate_pairs(table_rows(tokenize_table(table.slice(i, batch), str(model_dir))), builder)
     return table.num_rows, time.perf_counter() - t, 0.0
 
 
 def pre_encode(files: dict[str, list[str]], model_dir, cache: Path) -> tuple[int, float]:
-    """(rows, seconds) of writing the pre-encoded copies, one Ray task per file (vipoly.data.encode)."""
+    """(rows, seconds) of writing the pre-encoded copies, one Ray task per file (vipoly.data.pretokenized)."""
     import ray
 
-    from vipoly.data.encode import encode_file
+    from vipoly.data.pretokenized import tokenize_file
 
-    task = ray.remote(num_cpus=1)(encode_file)
+    task = ray.remote(num_cpus=1)(tokenize_file)
     t = time.perf_counter()
     done = ray.get([task.remote(f, str(cache), str(model_dir)) for fs in files.values() for f in fs])
     return sum(d["rows"] for d in done), time.perf_counter() - t
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                    *best(lambda: stream_rate(data, model_dir, n, args.batch, collate), args.repeat), base))
         print(line("encode + collate alone, 1 process", *encode_in_process(files, model_dir, min(n, 1000), args.batch),
                    base))
-        if kind == "text":  # pre-encoded text: tokenised once (python -m vipoly.data.encode), then read
+        if kind == "text":  # pre-encoded text: tokenised once (python -m pipelines.pretokenize), then read
             rows, seconds = pre_encode(files, model_dir, root / "_encoded")
             print(f"  pre-encoding (once per data set and tokenizer): {rows} rows in {seconds:.1f} s "
                   f"= {rate(rows, seconds):.0f} rows/s")

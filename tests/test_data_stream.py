@@ -15,7 +15,9 @@ import torch
 from vipoly.config import DataConfig
 from vipoly.data import synthetic
 from vipoly.data.collate import RayPairCollateFn, collate_pairs, load_builder
-from vipoly.data.encode import SIDES, encode_table, encoded_files, row_handles, table_rows
+from vipoly.data.tokenize import SIDES, tokenize_table
+from vipoly.data.blocks import row_handles, table_rows
+from vipoly.data.pretokenized import default_cache, encoded_files
 from vipoly.data.shards import task_sources
 from vipoly.data.plan import PlanState
 from vipoly.data.stream import PlannedStream, build_plan, resolve_sources
@@ -188,7 +190,7 @@ def test_encoded_rows_equal_encode_one(tiny_model_dir, prepared):
     checked = 0
     for task in TASKS:
         table = pq.read_table(prepared / task)
-        enc = encode_table(table.slice(1), str(tiny_model_dir))
+        enc = tokenize_table(table.slice(1), str(tiny_model_dir))
         rows = table_rows(enc.slice(2))  # slices: list offsets that do not start at 0
         for row, src in zip(rows, table.slice(3).to_pylist(), strict=True):
             assert row["id"] == src["id"] and row["task"] == task
@@ -208,8 +210,9 @@ def test_text_encoding_needs_no_torch(tiny_model_dir, prepared):
     import subprocess
     import sys
 
-    code = ("import sys, pyarrow.parquet as pq; from vipoly.data.encode import encode_table, table_rows; "
-            f"t = encode_table(pq.read_table({str(prepared / 'instr')!r}), {str(tiny_model_dir)!r}); "
+    code = ("import sys, pyarrow.parquet as pq; from vipoly.data.tokenize import tokenize_table; "
+            "from vipoly.data.blocks import table_rows; "
+            f"t = tokenize_table(pq.read_table({str(prepared / 'instr')!r}), {str(tiny_model_dir)!r}); "
             "assert len(table_rows(t)) == t.num_rows; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -227,7 +230,7 @@ def test_equal_positives_get_equal_keys(tiny_model_dir, prepared):
             {**base, "id": "e", "pos_text": "yes", "pos_images": [image]},
             {**base, "id": "f", "pos_text": "yes", "pos_images": [image]},
             {**base, "id": "g", "pos_text": "yes", "pos_images": [image + b"\0"]}]
-    enc = encode_table(pa.Table.from_pylist(rows, schema=source.schema), str(tiny_model_dir))
+    enc = tokenize_table(pa.Table.from_pylist(rows, schema=source.schema), str(tiny_model_dir))
     keys = collate_pairs(row_handles(enc), load_builder(str(tiny_model_dir)))["pos_key"].tolist()
     assert keys[0] == keys[1] == keys[3] and keys[4] == keys[5]
     assert len({keys[0], keys[2], keys[4], keys[6]}) == 4
@@ -242,10 +245,10 @@ def test_hard_negatives_are_tokenised_as_positives(tiny_model_dir, prepared):
     base = source.slice(0, 1).to_pylist()[0]
     rows = [{**base, "id": "a", "neg_text": ["no", "maybe", "never"]}, {**base, "id": "b", "neg_text": []},
             {**base, "id": "c", "neg_text": ["yes"]}]
-    enc = encode_table(pa.Table.from_pylist(rows, schema=source.schema), str(tiny_model_dir))
+    enc = tokenize_table(pa.Table.from_pylist(rows, schema=source.schema), str(tiny_model_dir))
     negs = hard_negatives(row_handles(enc), 2, str(tiny_model_dir))
     assert negs["neg_owner"].tolist() == [0, 0, 2]
-    as_positives = encode_table(pa.Table.from_pylist([{**base, "pos_text": t, "pos_images": []}
+    as_positives = tokenize_table(pa.Table.from_pylist([{**base, "pos_text": t, "pos_images": []}
                                                       for t in ("no", "maybe", "yes")], schema=source.schema),
                                 str(tiny_model_dir))
     want = [row_handles(as_positives)[i].side("p") for i in range(3)]
@@ -259,7 +262,7 @@ def test_ray_collate_equals_row_collate(tiny_model_dir, prepared):
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(prepared / "vqa_single").slice(0, 3), pq.read_table(prepared / "instr").slice(0, 2)])
-    enc = encode_table(table, str(tiny_model_dir))
+    enc = tokenize_table(table, str(tiny_model_dir))
     via_ray = RayPairCollateFn(tiny_model_dir)(enc)
     via_rows = collate_pairs(table_rows(enc), load_builder(str(tiny_model_dir)))
     assert_same_batch(via_ray, via_rows)
@@ -274,7 +277,7 @@ def test_block_rows_collate_as_dicts(tiny_model_dir, prepared):
     import pyarrow.parquet as pq
 
     builder = load_builder(str(tiny_model_dir))
-    blocks = [encode_table(pq.read_table(prepared / task).slice(1, 6), str(tiny_model_dir))
+    blocks = [tokenize_table(pq.read_table(prepared / task).slice(1, 6), str(tiny_model_dir))
               for task in ("text_pair", "ocr", "vqa_multi")]
     handles = [row_handles(b.slice(1)) for b in blocks]  # sliced: offsets that do not start at 0
     dicts = [table_rows(b.slice(1)) for b in blocks]
@@ -301,7 +304,7 @@ def assert_same_batch(a: dict, b: dict) -> None:
 
 
 def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_model_dir, tmp_path, capsys):
-    """`python -m vipoly.data.encode` writes tokenised copies of the text files; the stream then
+    """`python -m pipelines.pretokenize` writes tokenised copies of the text files; the stream then
     reads them and yields exactly the rows it yields when it encodes as it goes. Image files are
     left to the streaming encoder; a changed source file makes its copy stale (not used)."""
     import os
@@ -310,7 +313,7 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
     import numpy as np
     import yaml
 
-    from vipoly.data import encode
+    from pipelines import pretokenize
 
     root = tmp_path / "data"
     shutil.copytree(prepared, root)
@@ -321,7 +324,7 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
     plan = plan_of(root, mix, seed=3)
     streamed = [r for c in chunks(plan, 1, tiny_model_dir, 8)[0] for r in c]
 
-    summary = encode.main(["--config", str(tmp_path / "cfg.yaml")])
+    summary = pretokenize.main(["--config", str(tmp_path / "cfg.yaml")])
     assert summary["rows"] == 40 and len(summary["skipped"]) == len(task_sources(root)["ocr"])
     assert "pre-encoded 40 rows" in capsys.readouterr().out
     cache = str(root / "_encoded")
@@ -346,7 +349,7 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
 
 def test_pre_encoding_for_a_plain_qwen_checkpoint(ray_session, prepared, plain_qwen_dir, tiny_model_dir, tmp_path):
     """With a plain Qwen2-VL checkpoint as the backbone (the hub id of configs/qwen2vl-2b.yaml),
-    `python -m vipoly.data.encode` writes `<run.dir>/inputs` as training does, and the copies it
+    `python -m pipelines.pretokenize` writes `<run.dir>/inputs` as training does, and the copies it
     makes are the ones the training run's stream finds. A PolyEmbedder backbone is never written:
     its inputs go to `<run.dir>/inputs` too."""
     import shutil
@@ -354,7 +357,7 @@ def test_pre_encoding_for_a_plain_qwen_checkpoint(ray_session, prepared, plain_q
     import yaml
 
     from vipoly.config import Config
-    from vipoly.data import encode
+    from pipelines import pretokenize
     from vipoly.model.inputs import inputs_dir, write_inputs
 
     root = tmp_path / "data"
@@ -362,10 +365,10 @@ def test_pre_encoding_for_a_plain_qwen_checkpoint(ray_session, prepared, plain_q
     raw = {"data": {"root": str(root), "mix": {"instr": 1}}, "model": {"backbone": str(plain_qwen_dir)},
            "run": {"dir": str(tmp_path / "run")}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    assert encode.main(["--config", str(tmp_path / "cfg.yaml")])["rows"] == 20
+    assert pretokenize.main(["--config", str(tmp_path / "cfg.yaml")])["rows"] == 20
     cfg = Config.model_validate(raw)
     assert inputs_dir(cfg) == str(tmp_path / "run" / "inputs")
-    assert encoded_files(task_sources(root)["instr"], encode.default_cache(cfg.data), write_inputs(cfg)) is not None
+    assert encoded_files(task_sources(root)["instr"], default_cache(cfg.data), write_inputs(cfg)) is not None
 
     before = {p: p.read_bytes() for p in tiny_model_dir.rglob("*") if p.is_file()}
     own = Config.model_validate({"model": {"backbone": f"{tiny_model_dir}/"}, "run": {"dir": str(tmp_path / "r2")}})
@@ -377,12 +380,12 @@ def test_encoding_empty_blocks_and_rows_without_content(tiny_model_dir, prepared
     import pyarrow.parquet as pq
 
     table = pq.read_table(prepared / "instr")
-    empty = encode_table(table.slice(0, 0), str(tiny_model_dir))
+    empty = tokenize_table(table.slice(0, 0), str(tiny_model_dir))
     assert empty.num_rows == 0 and table_rows(empty) == []
     bad = table.slice(0, 3).set_column(table.schema.get_field_index("pos_text"), "pos_text",
                                        pa.array(["ok", None, "ok"], pa.string()))
     with pytest.raises(ValueError, match=rf"row '{table.column('id')[1].as_py()}': pos_text and pos_images"):
-        encode_table(bad, str(tiny_model_dir))
+        tokenize_table(bad, str(tiny_model_dir))
 
 
 def test_a_text_row_without_content_is_replaced_too(prepared, tiny_model_dir, tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipelines import embed
 from pipelines.embed import build_parser, run
+from vipoly.embed import inputs as job_inputs, output
 
 N_PARQUET, N_JSONL = 40, 16
 
@@ -75,7 +76,7 @@ def _read(out: Path):
 
 
 def _errors(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / embed.ERRORS).read_text().splitlines()]
+    return [json.loads(line) for line in (out / output.ERRORS).read_text().splitlines()]
 
 
 def _digest(files) -> dict[str, str]:
@@ -108,11 +109,11 @@ def test_embed_job_accounting_equality_and_rerun(ray_session, tiny_model_dir, ti
         np.testing.assert_allclose(vec, ref, atol=1e-4, err_msg=rid)
 
     # a finished job re-run: nothing new, output unchanged, no duplicates
-    before = _digest(embed.output_files(out))
+    before = _digest(output.output_files(out))
     summary = run(_args(tiny_model_dir, inputs, out))
     assert summary["embedded"] == 0 and summary["skipped"] == len(ids) + 1  # + the second copy of p5
     assert summary["rows_in"] == inputs["n_rows"]
-    assert _digest(embed.output_files(out)) == before
+    assert _digest(output.output_files(out)) == before
     _, ids2, _ = _read(out)
     assert sorted(ids2) == sorted(ids)
 
@@ -126,14 +127,14 @@ def test_resume_after_a_killed_run(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b", "c"], "embedding": emb}), out / "part-1.parquet")
     (out / "part-2.parquet").write_bytes(b"PAR1 cut short by a kill")
     (out / "_errors.jsonl").write_text("")
-    done = embed.existing_ids(out)
+    done = output.existing_ids(out)
     assert sorted(done.to_pylist()) == ["a", "b", "c"]
-    assert (out / embed.SET_ASIDE / "part-2.parquet").exists() and not (out / "part-2.parquet").exists()
+    assert (out / output.SET_ASIDE / "part-2.parquet").exists() and not (out / "part-2.parquet").exists()
 
     batch = pa.table({"id": ["a", "x", "c", "y"], "text": ["t"] * 4, "path": ["in.parquet"] * 4})
-    kept = embed.normalize(batch, embed.Columns("id", "text", None), done, str(out / embed.SIDE_DIR))
+    kept = job_inputs.normalize(batch, job_inputs.Columns("id", "text", None), done, str(out / output.SIDE_DIR))
     assert kept.column("id").to_pylist() == ["x", "y"]
-    stats = embed._merge_side_files(out / embed.SIDE_DIR)
+    stats = output.merge_side_files(out / output.SIDE_DIR)
     assert (stats["rows_in"], stats["skipped"]) == (4, 2)
 
 
@@ -142,10 +143,10 @@ def test_duplicate_ids_are_embedded_once(tmp_path):
     first, second = tmp_path / "p0.parquet", tmp_path / "p1.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "embedding": emb[:2]}), first)
     pq.write_table(pa.table({"id": ["b", "c"], "embedding": emb[2:]}), second)
-    assert embed.drop_duplicates([first, second]) == ["b"]
+    assert output.drop_duplicates([first, second]) == ["b"]
     assert pq.read_table(first).column("id").to_pylist() == ["a", "b"]  # the first copy stays
     assert pq.read_table(second).column("id").to_pylist() == ["c"]
-    assert embed.drop_duplicates([first, second]) == []
+    assert output.drop_duplicates([first, second]) == []
 
 
 def test_bad_input_fails_before_work(tiny_model_dir, inputs, tmp_path):

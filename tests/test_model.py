@@ -104,7 +104,7 @@ def test_build_from_a_plain_qwen2vl_folder(plain_qwen_dir, tmp_path):
 
     # Training from such a checkpoint: the data workers get the same inputs from a weightless folder.
     from vipoly.config import Config
-    from vipoly.data.encode import TextEncoder
+    from vipoly.data.tokenize import TextEncoder
     from vipoly.model.inputs import inputs_dir, write_inputs
 
     cfg = Config.model_validate({"model": model.cfg.model_dump(), "run": {"dir": str(tmp_path / "run")}})
@@ -122,7 +122,7 @@ def test_training_inputs_follow_the_model_config_of_a_polyembedder_backbone(tiny
     """`--set model.max_length=…` on a PolyEmbedder backbone reaches the data workers as it reaches
     the model: both read one effective config; the backbone folder is only read."""
     from vipoly.config import Config
-    from vipoly.data.encode import TextEncoder
+    from vipoly.data.tokenize import TextEncoder
     from vipoly.model.inputs import apply_explicit, effective_model_config, inputs_dir, write_inputs
 
     before = {p: p.read_bytes() for p in tiny_model_dir.rglob("*") if p.is_file()}

@@ -8,7 +8,7 @@ import torch
 
 from vipoly.config import STWConfig, STWMode
 from vipoly.losses import dle_loss
-from vipoly.stw import STRATEGIES, TaskWeighter
+from vipoly.stw import RULES, TaskWeighter
 from vipoly.tasks import TASKS
 
 LOSSES = {"text_pair": 4.2, "instr": 0.9, "ocr": 1.1, "vqa_single": 1.3, "vqa_multi": 1.25}  # SPEC §3 levels
@@ -93,7 +93,7 @@ def test_unknown_task_and_bad_losses_raise(mode):
 
 
 def test_every_mode_has_a_strategy():
-    assert set(STRATEGIES) == set(STWMode)
+    assert set(RULES) == set(STWMode)
 
 
 def test_window_is_sample_weighted_and_cleared():

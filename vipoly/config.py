@@ -90,7 +90,9 @@ class ModelConfig(Strict):
     backbone: str = "Qwen/Qwen2-VL-2B-Instruct"
     """Hub id or local folder of a Qwen2-VL checkpoint (or a PolyEmbedder directory)."""
     pooling: PoolingConfig = PoolingConfig()
+    """How token states become one vector (SPEC §2: attention pooling)."""
     projection: ProjectionConfig = ProjectionConfig()
+    """The head from the pooled state to the embedding (SPEC §2: 1024-d, Matryoshka prefixes)."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "vipoly_varlen"] = "auto"
     """`auto` on a GPU: FlashAttention-2 where flash_attn is installed, else PyTorch's varlen
     FlashAttention (`vipoly_varlen`, torch ≥ 2.9); SDPA on CPU. The varlen kinds run packed batches
@@ -101,12 +103,16 @@ class ModelConfig(Strict):
     task_tokens: bool = True
     """Add the five task prefixes to the vocabulary as single tokens (new rows start at the mean embedding)."""
     gradient_checkpointing: bool = False
+    """Recompute the backbone's activations in the backward pass (SPEC §4 uses it at scale): less
+    activation memory for a second forward's compute."""
     max_length: int = Field(8192, ge=8)
     """Longest tokenised input (prefix + text + image tokens); longer ones are truncated."""
     image_max_pixels: int = Field(448 * 448, ge=28 * 28)
     """Images are resized so that h·w stays under this (Qwen2-VL dynamic resolution)."""
     image_min_pixels: int = Field(28 * 28, ge=4)
+    """Images are resized so that h·w is at least this (pixels; Qwen2-VL's 28×28 patch merge)."""
     lora: LoraConfig = LoraConfig()
+    """LoRA adapters in the backbone (r = 0: full fine-tuning, SPEC's default)."""
     freeze: list[Literal["vision", "language", "embeddings"]] = []
     """Backbone parts that do not train: no gradient at all (not merely lr 0), no optimizer state,
     nothing for DDP to reduce. `language` is the language model less its input embeddings,
@@ -134,16 +140,21 @@ class LossKind(str, enum.Enum):
 
 class LossConfig(Strict):
     kind: LossKind = LossKind.DLE
+    """dle: SPEC §3's per-task recipes; infonce: one InfoNCE for every task (the ablation)."""
     temperature: float = Field(0.07, gt=0)
     """InfoNCE temperature T (the reference run used 0.2; the sweep covers both)."""
     lambda_score: float = Field(20.0, ge=0)
+    """λ_score: weight of the score MSE on text pairs (SPEC §3: 20)."""
     lambda_rank: float = Field(7.0, ge=0)
+    """λ_rank: weight of the margin ranking loss on text pairs (SPEC §3: 7)."""
     rank_margin: float = Field(0.05, ge=0)
+    """m_r: margin of the ranking loss, in cosine units (SPEC §3: 0.05)."""
     lambda_triplet: dict[str, float] = {"ocr": 1.0, "vqa_single": 1.0, "vqa_multi": 1.5}
     """λ_trip per triplet task."""
     triplet_margin: dict[str, float] = {"ocr": 0.2, "vqa_single": 0.2, "vqa_multi": 0.3}
     """Margin m per triplet task."""
     triplet_negatives: TripletNegatives = TripletNegatives.HARDEST
+    """Which in-batch negative the triplet hinge uses: the hardest (default), or another rule."""
     gather_negatives: bool = True
     """Use the whole global batch (all workers, with gradients) as InfoNCE/triplet negatives."""
     mask_duplicates: bool = True
@@ -166,6 +177,7 @@ class STWMode(str, enum.Enum):
 
 class STWConfig(Strict):
     mode: STWMode = STWMode.DYNAMIC
+    """none | static | dynamic (SPEC §3; dynamic is the method, none the equal-weights baseline)."""
     alpha: dict[str, float] = {"text_pair": 0.27, "instr": 1.25, "ocr": 1.0, "vqa_single": 1.0, "vqa_multi": 1.0}
     """α_t, reference values (ranges: text_pair 0.25–0.35, instr 1.1–1.3, others 0.9–1.2)."""
     beta_foundation: float = Field(1.05, gt=0)
@@ -173,7 +185,9 @@ class STWConfig(Strict):
     beta_balance: float = Field(0.95, gt=0)
     """β for epochs ≥ 1 (range 0.8–1.0)."""
     static_epoch0: dict[str, float] = {"text_pair": 0.25, "instr": 1.2, "ocr": 1.0, "vqa_single": 1.0, "vqa_multi": 0.8}
+    """λ_t in epoch 0 for static mode, and the fallback before any dynamic update (SPEC §3)."""
     static_later: dict[str, float] = {"text_pair": 0.22, "instr": 1.3, "ocr": 1.2, "vqa_single": 1.0, "vqa_multi": 0.8}
+    """λ_t from epoch 1 on for static mode (SPEC §3)."""
     update_every: int = Field(10, ge=1)
     """K: optimizer steps between dynamic updates (the reference tested down to K = 5)."""
     min_tasks: int = Field(2, ge=1, le=len(TASKS))
@@ -221,12 +235,13 @@ class DataConfig(Strict):
     """Training batches made ahead in a background thread, to overlap a GPU step; 0 = none. On a
     2-core CPU it cost 10% (docs/benchmarks.md): there the thread competes with the step."""
     encoded_dir: str | None = None
-    """Pre-encoded text shards (`python -m vipoly.data.encode`): a source whose every file has an
+    """Pre-encoded text shards (`python -m pipelines.pretokenize`): a source whose every file has an
     up-to-date copy there for the model's tokenizer is read from it, skipping tokenisation. None =
     `<root>/_encoded` when `root` is set; "" = never."""
     max_text_chars: int = Field(20000, ge=1)
     """Texts longer than this are truncated or rejected by `prepare` (see `overlong`)."""
     overlong: Literal["truncate", "reject"] = "truncate"
+    """What `prepare` does with a text over max_text_chars: cut it, or quarantine the row."""
 
     @field_validator("mix")
     @classmethod
@@ -248,9 +263,11 @@ class Strategy(str, enum.Enum):
 
 class TrainConfig(Strict):
     seed: int = 0
+    """Seeds the model's fresh heads, the sample order, dropout and every shuffle."""
     max_steps: int = Field(-1, ge=-1)
     """Optimizer steps to run; -1 = `epochs` over the data."""
     epochs: int = Field(3, ge=1)
+    """Passes over the data when max_steps = -1 (SPEC §4: 3)."""
     steps_per_epoch: int | None = Field(None, ge=1)
     """Optimizer steps that make an epoch (β and static weights change per epoch); None = from data size."""
     batch_size: int = Field(12, ge=1)
@@ -260,14 +277,21 @@ class TrainConfig(Strict):
     grad_accum). None = batch_size × grad_accum × num_workers. The global sample order is cut in
     batches of G, so a run keeps its G when it resumes on another number of workers."""
     grad_accum: int = Field(10, ge=1)
+    """Micro-batches per optimizer step (SPEC §4: 10)."""
     lr: float = Field(2e-5, gt=0)
+    """AdamW learning rate of the language model (and heads unless head_lr) (SPEC §4: 2e-5)."""
     vision_lr: float = Field(2e-6, ge=0)
+    """AdamW learning rate of the vision tower (SPEC §4: 2e-6)."""
     head_lr: float | None = None
     """LR of pooling + projection; None = `lr`."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay (not on biases and norms)."""
     warmup_steps: int = Field(100, ge=0)
+    """Optimizer steps of linear LR warm-up before the schedule."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR decay after the warm-up, to 0 at the last step."""
     clip_grad_norm: float = Field(1.0, gt=0)
+    """Global gradient L2-norm clip (SPEC §4: 1.0)."""
     bf16: bool = True
     """bf16 autocast where a GPU is used (ignored on CPU)."""
     packed_sequences: bool = False
@@ -282,10 +306,15 @@ class TrainConfig(Strict):
     """torch.compile each decoder layer and vision block (fuses their elementwise work): about
     1.5× the eager step on an H100 (docs/benchmarks.md); costs a minute of compiling at the start."""
     strategy: Strategy = Strategy.DDP
+    """ddp | deepspeed_zero2 | deepspeed_zero3: how the workers share the model and the optimizer."""
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers, one per GPU on a GPU cluster (SPEC §4 reference: 4)."""
     use_gpu: bool = False
+    """Give each worker GPUs (gpus_per_worker) and use NCCL."""
     cpus_per_worker: float = Field(1.0, gt=0)
+    """Logical CPUs Ray reserves per worker (fractions work on small machines)."""
     gpus_per_worker: float = Field(1.0, ge=0)
+    """GPUs per worker when use_gpu."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement of the workers: STRICT_PACK keeps a run of up to 8 GPUs on one NVLink node."""
     phases: tuple[int, int] = (2000, 10000)
@@ -293,10 +322,13 @@ class TrainConfig(Strict):
     dynamic_from_phase: Literal["exploration", "stabilization", "optimization"] = "exploration"
     """First phase in which dynamic STW updates apply (static weights before)."""
     strategic_checkpoints: list[int] = [1000, 2000, 5000, 10000]
+    """Steps whose checkpoints are always kept (SPEC §4: 1000, 2000, 5000, 10000)."""
     checkpoint_every: int = Field(1000, ge=1)
+    """Optimizer steps between periodic checkpoints."""
     keep_checkpoints: int = Field(3, ge=1)
     """Periodic checkpoints kept (strategic ones are always kept)."""
     log_every: int = Field(10, ge=1)
+    """Optimizer steps between metrics.jsonl rows (and console lines)."""
     max_bad_steps: int = Field(10, ge=1)
     """Consecutive NaN/inf losses that stop the run."""
     max_failures: int = Field(3, ge=0)
@@ -318,6 +350,7 @@ class RunConfig(Strict):
     name: str | None = None
     """Run name (Ray Train / wandb); None = the directory's name."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb on rank 0; online needs WANDB_API_KEY (offline without one)."""
     ray_address: str | None = None
     """None = the cluster from RAY_ADDRESS or `ray job submit`, else an embedded local Ray."""
     verbose: bool = False
@@ -331,6 +364,7 @@ class DebugConfig(Strict):
     fail_at_step: int | None = None
     """Kill a worker process (os._exit) once, right after this step; a marker file in run.dir makes it once."""
     fail_rank: int = 0
+    """The worker rank that debug.fail_at_step kills."""
     nan_at_steps: list[int] = []
     """Make the loss NaN at these (1-based) steps."""
 

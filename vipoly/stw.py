@@ -10,18 +10,22 @@ Modes (`STWConfig.mode`):
            the weights stay where they were (the static table before any update); a task absent
            from a window keeps its previous λ_t. `clamp` optionally bounds each λ_t.
 
-`TaskWeighter` = a strategy (one class per mode, in `STRATEGIES`, so uncertainty weighting or FAMO
-can be added behind the same interface) + a loss window shared by all strategies:
+`TaskWeighter` = a weight rule (one class per mode, in `RULES`, so uncertainty weighting or FAMO
+can be added behind the same interface) + a loss window shared by all rules. The training loop
+(`vipoly.train.loop.run_training`) uses it so, once per optimizer step:
 
-    weighter.observe(stats)                 # every micro-batch: sample-weighted sums per task
-    if step % cfg.update_every == 0:
-        w = weighter.window()               # (2, 5) float64 tensor: [sums; counts]
-        dist.all_reduce(w)                  # Ray/torch.distributed line: every rank sees the same window
-        weighter.update_from_window(epoch, w)
-    task_weights = weighter.as_tensor(epoch, device=...)   # → dle_loss
+    lam = weighter.as_tensor(epoch).to(device)      # → dle_loss, for every micro-batch of the step
+    ...                                             # train_step: the per-task stats are summed over
+                                                    # the workers (reduce_stats) before they come here
+    if dynamic updates are on (train.dynamic_from_phase):
+        if the step's loss was finite:
+            weighter.observe(global_stats)          # sample-weighted loss sums per task
+        if weighter.due(step) and weighter.window_losses():
+            weighter.update_from_window(epoch)      # new λ from the window's means, window cleared
 
-Because every rank all-reduces the same window and applies the same deterministic update, all ranks
-hold identical λ without broadcasting them.
+Every rank observes the same globally summed stats and applies the same deterministic update, so all
+ranks hold identical λ without broadcasting them. (`window()` and `update_from_window(epoch, w)`
+also take a window summed by the caller, for a loop that observes per-rank stats.)
 """
 from __future__ import annotations
 
@@ -54,9 +58,9 @@ def _check_epoch(epoch: int) -> int:
     return epoch
 
 
-# ---------------------------------------------------------------- strategies
-class Strategy:
-    """One way to set λ_t. Subclasses register under a `STWMode` value in `STRATEGIES`."""
+# ---------------------------------------------------------------- weight rules
+class WeightRule:
+    """One way to set λ_t. Subclasses register under a `STWMode` value in `RULES`."""
 
     mode: ClassVar[STWMode]
 
@@ -64,7 +68,7 @@ class Strategy:
         self.cfg = cfg
 
     def static(self, epoch: int) -> dict[str, float]:
-        """SPEC's per-epoch table (also the fallback of adaptive strategies)."""
+        """SPEC's per-epoch table (also the fallback of adaptive rules)."""
         return dict(self.cfg.static_epoch0 if _check_epoch(epoch) == 0 else self.cfg.static_later)
 
     def weights(self, epoch: int) -> dict[str, float]:
@@ -81,16 +85,16 @@ class Strategy:
         pass
 
 
-STRATEGIES: dict[STWMode, type[Strategy]] = {}
+RULES: dict[STWMode, type[WeightRule]] = {}
 
 
-def register(cls: type[Strategy]) -> type[Strategy]:
-    STRATEGIES[cls.mode] = cls
+def register(cls: type[WeightRule]) -> type[WeightRule]:
+    RULES[cls.mode] = cls
     return cls
 
 
 @register
-class EqualWeights(Strategy):
+class EqualWeights(WeightRule):
     mode = STWMode.NONE
 
     def weights(self, epoch: int) -> dict[str, float]:
@@ -99,7 +103,7 @@ class EqualWeights(Strategy):
 
 
 @register
-class StaticWeights(Strategy):
+class StaticWeights(WeightRule):
     mode = STWMode.STATIC
 
     def weights(self, epoch: int) -> dict[str, float]:
@@ -107,7 +111,7 @@ class StaticWeights(Strategy):
 
 
 @register
-class DynamicWeights(Strategy):
+class DynamicWeights(WeightRule):
     """λ_t = (ℓ̄ / ℓ_t) · α_t · β(epoch) over the tasks present (module docstring)."""
 
     mode = STWMode.DYNAMIC
@@ -154,27 +158,27 @@ class DynamicWeights(Strategy):
 
 # ---------------------------------------------------------------- the weighter
 class TaskWeighter:
-    """λ_t for `dle_loss`: a `Strategy` chosen by `cfg.mode`, plus the window of observed losses."""
+    """λ_t for `dle_loss`: a `WeightRule` chosen by `cfg.mode`, plus the window of observed losses."""
 
     def __init__(self, cfg: STWConfig | None = None):
         self.cfg = cfg or STWConfig()
         if self.cfg.clamp is not None and not 0 < self.cfg.clamp[0] <= self.cfg.clamp[1]:
             raise ValueError(f"stw.clamp must be (low, high) with 0 < low ≤ high, got {self.cfg.clamp}")
-        self.strategy = STRATEGIES[STWMode(self.cfg.mode)](self.cfg)
+        self.rule = RULES[STWMode(self.cfg.mode)](self.cfg)
         self._window: Tensor | None = None  # (2, 5) float64 [sums; counts], on the observed stats' device
 
     @property
     def mode(self) -> STWMode:
-        return self.strategy.mode
+        return self.rule.mode
 
     # -- weights
     def weights(self, epoch: int) -> dict[str, float]:
         """Current {task: λ_t} for all five tasks."""
-        return self.strategy.weights(epoch)
+        return self.rule.weights(epoch)
 
     def static_weights(self, epoch: int) -> dict[str, float]:
         """SPEC's table for this epoch, whatever the mode (e.g. before dynamic updates are switched on)."""
-        return self.strategy.static(epoch)
+        return self.rule.static(epoch)
 
     def as_tensor(self, epoch: int, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> Tensor:
@@ -185,7 +189,7 @@ class TaskWeighter:
     def update(self, task_losses: Mapping[str, float], epoch: int) -> dict[str, float]:
         """Update from {task: mean raw loss} of the tasks seen (any subset); return all λ_t.
         Unknown task names and non-finite or ≤ 0 losses raise ValueError."""
-        return self.strategy.update(_check_losses(task_losses), _check_epoch(epoch))
+        return self.rule.update(_check_losses(task_losses), _check_epoch(epoch))
 
     def due(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) ends a window of `cfg.update_every` steps."""
@@ -237,13 +241,14 @@ class TaskWeighter:
 
     # -- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values (JSON-friendly): mode, strategy state and the open window."""
-        return {"mode": self.mode.value, "strategy": self.strategy.state_dict(),
+        """Plain Python values (JSON-friendly): mode, the rule's state (under "strategy", the key
+        checkpoints hold) and the open window."""
+        return {"mode": self.mode.value, "strategy": self.rule.state_dict(),
                 "window": None if self._window is None else self._window.cpu().tolist()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("mode") != self.mode.value:
             raise ValueError(f"STW state was saved in mode {state.get('mode')!r}, this weighter is {self.mode.value!r}")
-        self.strategy.load_state_dict(state.get("strategy") or {})
+        self.rule.load_state_dict(state.get("strategy") or {})
         window = state.get("window")
         self._window = None if window is None else torch.tensor(window, dtype=torch.float64)

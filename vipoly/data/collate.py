@@ -1,6 +1,6 @@
 """Encoded rows → model batches: the collate of the training stream and of Ray's own batching.
 
-Rows come from `vipoly.data.encode` (`encode_table` in a Ray Data stage; `row_handles` or
+Rows come from `vipoly.data.tokenize` (`tokenize_table` in a Ray Data stage; `row_handles` or
 `table_rows` dicts on the consumer side): each side (query, positive) holds `q_<key>` / `p_<key>`
 numpy arrays in the `InputBuilder.encode_one` layout. `collate_pairs` pads both sides as
 `InputBuilder.pad` does and adds `task_ids` (B,) long in TASKS order, `scores` (B,) float32 with
@@ -22,7 +22,8 @@ import pyarrow as pa
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from vipoly.data.encode import ENCODED_KEYS, SIDES, BlockRow, load_builder, row_handles
+from vipoly.data.tokenize import ENCODED_KEYS, SIDES, load_builder
+from vipoly.data.blocks import BlockRow, row_handles
 from vipoly.tasks import TASK_INDEX
 
 __all__ = ["PairCollate", "RayPairCollateFn", "collate_pairs", "hard_negatives", "load_builder", "pad_sides",
@@ -96,12 +97,12 @@ def pad_sides(rows: list[Mapping[str, Any]], builder, names: tuple[str, ...] = t
     return builder.pad([_side(r, s) for s in names for r in rows] + [{"input_ids": x} for x in extra])
 
 
-def hard_negatives(rows: list[Mapping[str, Any]], n: int, model_dir: str) -> dict[str, Any]:
+def hard_negatives(rows: list[Mapping[str, Any]], n: int, inputs_dir: str) -> dict[str, Any]:
     """Up to `n` of each row's neg_text (`data.negatives`), tokenised as positives are (the row's
     task prefix, one batched call): {"input_ids": [int32 arrays], "neg_owner": (M,) long, the row
     of each, "neg_key": (M,) long, `positive_keys` of their texts}. A row with fewer negatives
     gives fewer: no candidate is padding."""
-    from vipoly.data.encode import positive_keys, text_encoder
+    from vipoly.data.tokenize import positive_keys, text_encoder
 
     texts, tasks, owners = [], [], []
     for i, r in enumerate(rows):
@@ -110,7 +111,7 @@ def hard_negatives(rows: list[Mapping[str, Any]], n: int, model_dir: str) -> dic
             texts.append(text)
             tasks.append(str(r["task"]))
             owners.append(i)
-    ids = [np.asarray(x, dtype=np.int32) for x in text_encoder(model_dir).encode(texts, tasks)] if texts else []
+    ids = [np.asarray(x, dtype=np.int32) for x in text_encoder(inputs_dir).encode(texts, tasks)] if texts else []
     return {"input_ids": ids, "neg_owner": torch.tensor(owners, dtype=torch.int64),
             "neg_key": torch.from_numpy(positive_keys(texts, [None] * len(texts)))}
 
@@ -125,19 +126,19 @@ def collate_pairs(rows: list[Mapping[str, Any]], builder) -> dict[str, Any]:
 class PairCollate:
     """`collate_pairs` bound to a model's InputBuilder: `MixedStream.iter_batches(b, PairCollate(dir))`."""
 
-    def __init__(self, model_dir: str | Path):
-        self.model_dir = str(model_dir)
+    def __init__(self, inputs_dir: str | Path):
+        self.inputs_dir = str(inputs_dir)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_pairs(rows, load_builder(self.model_dir))
+        return collate_pairs(rows, load_builder(self.inputs_dir))
 
 
 class RayPairCollateFn(ArrowBatchCollateFn):
     """The same collate for Ray's own batching of one encoded dataset:
-    `ds.iter_torch_batches(batch_size=b, collate_fn=RayPairCollateFn(model_dir))`."""
+    `ds.iter_torch_batches(batch_size=b, collate_fn=RayPairCollateFn(inputs_dir))`."""
 
-    def __init__(self, model_dir: str | Path):
-        self.model_dir = str(model_dir)
+    def __init__(self, inputs_dir: str | Path):
+        self.inputs_dir = str(inputs_dir)
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        return collate_pairs(row_handles(batch), load_builder(self.model_dir))
+        return collate_pairs(row_handles(batch), load_builder(self.inputs_dir))

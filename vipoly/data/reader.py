@@ -213,15 +213,15 @@ class LaneCursor:
     """One lane of one source (vipoly.data.plan), as a worker reads it: `take(js)` finds the lane's
     samples `js` (ascending) in the windows it reads. It holds one *window*: whole shuffle blocks of
     its slice, about WINDOW_BYTES of raw rows (JPEG bytes, never patches), read in one range. A
-    window of text rows is tokenised when it is read, in one batched call (`model_dir`); the
+    window of text rows is tokenised when it is read, in one batched call (`inputs_dir`); the
     pre-encoded copies (`encoded`) need nothing; rows with images stay raw (decoded in Ray tasks
     after the selection). `replacement(j, r)` reads the row that fills the r-th bad slot of sample
     j's pass."""
 
     def __init__(self, plan, name: str, lane: int, files: list[str], counter: list[int], encoded: bool = False,
-                 model_dir: str | None = None):
+                 inputs_dir: str | None = None):
         self.plan, self.name, self.lane, self.files, self.encoded = plan, name, lane, files, encoded
-        self.model_dir = model_dir
+        self.inputs_dir = inputs_dir
         block, rows = plan.block[lane], window_rows(files)
         self.span = max(1, rows // block) * block
         # A scan keeps the rest of its last batch for the next read: ~1 MiB batches keep that small.
@@ -232,7 +232,8 @@ class LaneCursor:
         self._bad: dict[int, Bad] = {}
 
     def _load(self, epoch: int, x: int) -> None:
-        from vipoly.data.encode import EncodedBlock, encode_rows, has_images
+        from vipoly.data.tokenize import tokenize_rows, has_images
+        from vipoly.data.blocks import EncodedBlock
 
         block, n = self.plan.block[self.lane], self.plan.lane_rows(self.name, self.lane)
         first = x // block * block
@@ -251,10 +252,10 @@ class LaneCursor:
         self._table, self._where, self._bad, self._raw = table, None, {}, False
         if self.encoded:
             self._table = EncodedBlock(table)
-        elif self.model_dir is None or has_images(table):
+        elif self.inputs_dir is None or has_images(table):
             self._raw = True
         else:
-            encoded, bad = encode_rows(table, self.model_dir)
+            encoded, bad = tokenize_rows(table, self.inputs_dir)
             self._bad = {i: Bad(row_id, reason) for i, row_id, reason in bad}
             good = np.ones(table.num_rows, dtype=bool)
             good[list(self._bad)] = False

@@ -25,7 +25,7 @@ from vipoly.data.schema import SCHEMA, conform
 from vipoly.tasks import TASKS
 
 QUARANTINE = "quarantine.jsonl"
-ENCODED_DIR = "_encoded"  # OUT/_encoded/<tokenizer fingerprint>/…: vipoly.data.encode's cache
+ENCODED_DIR = "_encoded"  # OUT/_encoded/<tokenizer fingerprint>/…: pipelines.pretokenize's cache (vipoly.data.pretokenized)
 MANIFEST = "manifest.json"
 
 
@@ -166,9 +166,9 @@ def shard_files(path: str | Path) -> list[str]:
 def read_parquet(paths: str | list[str], **kwargs):
     """`ray.data.read_parquet` through Ray Data's V1 datasource.
 
-    Ray 2.60's default (V2) Parquet reader starts FooterReader actors for every read: 10–20 s per
-    read on a 2-core machine (measured), paid again at every epoch of every mixed source. The V1
-    reader reads footers inside its read tasks (0.2–0.3 s for the same read).
+    Ray 2.60's default (V2) Parquet reader starts FooterReader actors for every read, paid again at
+    every epoch of every mixed source; the V1 reader reads footers inside its read tasks, two orders
+    of magnitude faster here (docs/benchmarks.md, "Design measurements").
     """
     import ray  # ray
 

@@ -1,7 +1,7 @@
 """One worker's share of the global sample order, as encoded rows, chunk after chunk.
 
     plan = build_plan(cfg)                                   # the driver: footers only
-    stream = PlannedStream(plan, rank, world, model_dir)     # each worker
+    stream = PlannedStream(plan, rank, world, inputs_dir)     # each worker
     rows, position = stream.next_chunk()                     # its C/W rows of the next chunk
 
 Per chunk (`vipoly.data.plan` defines chunks, lanes and the order):
@@ -9,11 +9,11 @@ Per chunk (`vipoly.data.plan` defines chunks, lanes and the order):
               cursor finds the rows in the window it holds, reading only its own slice of the
               source (`vipoly.data.reader`); chunks are selected GROUP_SAMPLES samples at a time;
     encode    rows with images are decoded and run through the image processor after the
-              selection, in Ray tasks (`encode_rows`, `data.read_ahead` chunks in flight, so
+              selection, in Ray tasks (`tokenize_rows`, `data.read_ahead` chunks in flight, so
               decoding overlaps the step); text rows are tokenised when their lane reads its
               window, in one batched call (≈ 0.15 ms a row in this process: a Ray task per chunk
               would cost more than the work); sources with pre-encoded copies
-              (`python -m vipoly.data.encode`) are read from the copies and not encoded at all;
+              (`python -m pipelines.pretokenize`) are read from the copies and not encoded at all;
     repair    a row that fails to decode is skipped, counted (`bad_rows`), written with its id and
               reason to the quarantine file, and its slot filled by the next replacement row of the
               same lane and source (from the end of the lane's slice), so the ratio holds;
@@ -36,7 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from vipoly.config import Config, DataConfig
-from vipoly.data.encode import BlockRow, EncodedBlock, encode_rows, has_images
+from vipoly.data.tokenize import tokenize_rows, has_images
+from vipoly.data.blocks import BlockRow, EncodedBlock
 from vipoly.data.plan import Plan, PlanState, SourceIndex
 from vipoly.data.reader import LaneCursor
 from vipoly.data.shards import shard_files, task_sources
@@ -102,12 +103,12 @@ class PlannedStream:
     its pre-encoded copies, same rows in the same order} for the sources that have them.
     `quarantine`: the JSON-lines file bad rows are written to. `group_samples`: see GROUP_SAMPLES."""
 
-    def __init__(self, plan: Plan, rank: int, world: int, model_dir: str | Path, *, state: dict | None = None,
+    def __init__(self, plan: Plan, rank: int, world: int, inputs_dir: str | Path, *, state: dict | None = None,
                  encoded: dict[str, list[str] | None] | None = None, read_ahead: int = 2,
                  quarantine: str | Path | None = None, encode_num_cpus: float = 1.0,
                  group_samples: int = GROUP_SAMPLES):
         plan.check_workers(world)
-        self.plan, self.rank, self.world, self.model_dir = plan, rank, world, str(model_dir)
+        self.plan, self.rank, self.world, self.inputs_dir = plan, rank, world, str(inputs_dir)
         self.positions = plan.positions(rank, world)
         self.selection = PlanState.from_dict(state) if state else plan.fresh_state()
         for name in plan.names:
@@ -145,7 +146,7 @@ class PlannedStream:
         if key not in self._cursors:
             name = self.plan.names[s]
             self._cursors[key] = LaneCursor(self.plan, name, lane, self.files[name], self.counter,
-                                            encoded=self.is_encoded[name], model_dir=self.model_dir)
+                                            encoded=self.is_encoded[name], inputs_dir=self.inputs_dir)
         return self._cursors[key]
 
     def _select_group(self) -> list[_Chunk]:
@@ -197,8 +198,8 @@ class PlannedStream:
         if self._remote is None:
             # ray: "DEFAULT" schedules outside the Train/Tune worker's placement group, whose bundle
             # holds the worker's own CPUs; decoding uses the node's others (as Ray Data's tasks did).
-            self._remote = ray.remote(num_cpus=self._encode_num_cpus, scheduling_strategy="DEFAULT")(encode_rows)
-        return self._remote.remote(table, self.model_dir)  # ray
+            self._remote = ray.remote(num_cpus=self._encode_num_cpus, scheduling_strategy="DEFAULT")(tokenize_rows)
+        return self._remote.remote(table, self.inputs_dir)  # ray
 
     # -- encode, repair, order
     def _finish(self, chunk: _Chunk) -> list:
@@ -211,7 +212,7 @@ class PlannedStream:
             rows.append((pos, EncodedBlock(self._repair(s, lane, j, row_id, reason)).rows()[0]))
         for s, job, pos, addrs in chunk.pending:
             if isinstance(job, pa.Table):
-                encoded, bad = encode_rows(job, self.model_dir)
+                encoded, bad = tokenize_rows(job, self.inputs_dir)
             else:
                 import ray  # ray
 
@@ -234,7 +235,7 @@ class PlannedStream:
             r = self.back[name].get(str(lane), 0)
             self.back[name][str(lane)] = r + 1
             raw = self._cursor(s, lane).replacement(j, r)
-            encoded, bad = encode_rows(raw, self.model_dir)
+            encoded, bad = tokenize_rows(raw, self.inputs_dir)
             if not bad:
                 return encoded
             _, row_id, reason = bad[0]

@@ -217,73 +217,117 @@ def dle_loss(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, task_weight
     a, b = _as_float(a), _as_float(b)
     task_weights = torch.as_tensor(task_weights, dtype=a.dtype, device=a.device)
     _check_inputs(a, b, task_ids, scores, task_weights)
-    rows = len(a)
     local = batch is None
-    if local:
+    batch = _global_batch(a, b, task_ids, scores, batch, pos_keys, negatives, neg_keys)
+    rows, n = len(a), len(batch.a)
+    targets = batch.offset + torch.arange(rows, device=a.device)  # (R,) each row's positive column
+    sim_ab, sim_ba, same = _similarities(a, b, batch, targets, pos_keys, cfg, local)
+    terms = _task_terms(sim_ab, sim_ba, same, targets, task_ids, scores, task_weights, batch, cfg)
+    weight = task_weights[task_ids]  # (R,) λ_{t(i)}
+    loss = (batch.world_size / n) * (weight * terms.per_row).sum() + terms.rank_loss / n
+    return loss, _stats(terms, task_ids, task_weights, n, cfg)
+
+
+def _global_batch(a: Tensor, b: Tensor, task_ids: Tensor, scores: Tensor, batch: GlobalBatch | None,
+                  pos_keys: Tensor | None, negatives: Tensor | None, neg_keys: Tensor | None) -> GlobalBatch:
+    """The batch the rows are scored against, in float32: the gathered one, or the rows themselves."""
+    if batch is None:
         batch = GlobalBatch(a, b, task_ids, scores, offset=0, world_size=1, pos_keys=pos_keys,
                             negs=negatives, neg_keys=neg_keys)
-    elif batch.a.shape[1] != a.shape[1] or not 0 <= batch.offset <= len(batch.a) - rows:
+    elif batch.a.shape[1] != a.shape[1] or not 0 <= batch.offset <= len(batch.a) - len(a):
         raise ValueError(f"global batch {tuple(batch.a.shape)} at offset {batch.offset} does not "
                          f"contain the local rows {tuple(a.shape)}")
     negs = None if batch.negs is None else _as_float(batch.negs)
-    batch = dataclasses.replace(batch, a=_as_float(batch.a), b=_as_float(batch.b), negs=negs)
-    n = len(batch.a)
+    return dataclasses.replace(batch, a=_as_float(batch.a), b=_as_float(batch.b), negs=negs)
+
+
+def _similarities(a: Tensor, b: Tensor, batch: GlobalBatch, targets: Tensor, pos_keys: Tensor | None,
+                  cfg: LossConfig, local: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(S_ab, S_ba, same): the rows' similarities to every candidate, duplicates masked to −∞.
+
+    S_ab (R, N + M): a_i · [b_j; negatives]. S_ba (R, N): b_i · a_j, or None where S_abᵀ serves
+    (`local`: the rows are the whole batch, and no negatives). same (R, N + M) bool: the columns
+    that are a row's positive's duplicates (cfg.mask_duplicates with keys), or None.
+    """
+    n, negs = len(batch.a), batch.negs
     sim_ab = a @ (batch.b if negs is None else torch.cat([batch.b, negs])).T  # (R, N + M)
     if not local:
-        sim_ba = b @ batch.a.T
+        sim_ba = b @ batch.a.T  # (R, N)
     else:  # b_i·a_j = S[j, i]: the one matrix serves both directions (Sᵀ, or its positives' part)
         sim_ba = None if negs is None else sim_ab[:, :n].T
-    targets = batch.offset + torch.arange(rows, device=a.device)
-    weight = task_weights[task_ids]  # λ_{t(i)} per row
     same = None
     if cfg.mask_duplicates and pos_keys is not None and batch.pos_keys is not None:
         if negs is not None and batch.neg_keys is None:
             raise ValueError("dle_loss: hard negatives need their keys (neg_keys) when positives have keys")
-        keys = batch.pos_keys if negs is None else torch.cat([batch.pos_keys, batch.neg_keys])
+        keys = batch.pos_keys if negs is None else torch.cat([batch.pos_keys, batch.neg_keys])  # (N + M,)
         same = duplicate_mask(pos_keys, keys, targets)  # (R, N + M) bool
         sim_ab = sim_ab.masked_fill(same, float("-inf"))
         if sim_ba is not None:  # b_i·a_j: a_j is a positive of b_i when b_j equals b_i
             sim_ba = sim_ba.masked_fill(same[:, :n], float("-inf"))
+    return sim_ab, sim_ba, same
 
-    nce = infonce_sim(sim_ab, sim_ba, targets, cfg.temperature)
+
+@dataclass(frozen=True)
+class _Terms:
+    """The loss terms of each row (R,), before the task weights; None where the recipe has none."""
+
+    nce: Tensor
+    per_row: Tensor  # ℓ_i without the margin-ranking term
+    rank_loss: Tensor  # () λ_rank R Σ_j λ_{t(j)} [text_pair j] over the global batch
+    rank: Tensor | None = None  # () R, the margin-ranking loss of the global batch's text pairs
+    mse: Tensor | None = None
+    cos: Tensor | None = None
+    trip: Tensor | None = None
+    score_on: Tensor | None = None  # (R,) 1 where the row's task has score MSE + ranking
+    cos_on: Tensor | None = None
+    trip_on: Tensor | None = None
+
+
+def _task_terms(sim_ab: Tensor, sim_ba: Tensor | None, same: Tensor | None, targets: Tensor, task_ids: Tensor,
+                scores: Tensor, task_weights: Tensor, batch: GlobalBatch, cfg: LossConfig) -> _Terms:
+    """Each row's recipe (tasks.py): InfoNCE for all, plus score MSE and margin ranking, cosine, or
+    a triplet hinge by task."""
+    nce = infonce_sim(sim_ab, sim_ba, targets, cfg.temperature)  # (R,)
     if cfg.kind is LossKind.INFONCE:
-        per_row, rank_loss = nce, nce.new_zeros(())
-        rank = None
+        return _Terms(nce=nce, per_row=nce, rank_loss=nce.new_zeros(()))
+    table = _recipe_table(cfg, sim_ab.device, sim_ab.dtype)
+    score_on = table.score[task_ids]  # (R,)
+    _check_scores(scores, score_on)
+    cos_on, trip_on = table.cos[task_ids], table.triplet[task_ids]
+    pos, trip = _positives_and_triplet(sim_ab, targets, table.margin[task_ids], cfg.triplet_negatives, same)
+    mse = score_mse_pos(pos, torch.where(score_on > 0, scores, torch.zeros_like(scores)))  # (R,)
+    cos = cosine_pos(pos)  # (R,)
+    # R couples every text_pair pair of the *global* batch, so each worker computes it whole
+    # (O(N²) scalars, no matmul) and adds it unscaled: see dle_loss's formula.
+    score_all = table.score[batch.task_ids]  # (N,)
+    whole = batch.world_size == 1 and len(batch.a) == len(targets)
+    pos_all = pos if whole else pair_similarity(batch.a, batch.b)  # (N,)
+    rank = margin_rank_pos(pos_all, batch.scores, cfg.rank_margin, score_all > 0)  # ()
+    per_row = nce + score_on * cfg.lambda_score * mse + cos_on * cos + table.lambda_triplet[task_ids] * trip
+    rank_loss = cfg.lambda_rank * rank * (task_weights[batch.task_ids] * score_all).sum()
+    return _Terms(nce, per_row, rank_loss, rank, mse, cos, trip, score_on, cos_on, trip_on)
+
+
+@torch.no_grad()
+def _stats(terms: _Terms, task_ids: Tensor, task_weights: Tensor, n: int, cfg: LossConfig) -> DLEStats:
+    """The rows' raw losses per task and per term (what STW and the logs read)."""
+    nce = terms.nce
+    onehot = F.one_hot(task_ids.long(), len(TASKS)).to(nce.dtype)  # (R, 5)
+    ones = torch.ones_like(nce)
+    if terms.rank is None:
+        raw = nce.detach()
+        zero = nce.new_zeros(())
+        term_sum = torch.stack([nce.sum(), zero, zero, zero, zero])
+        term_count = torch.stack([ones.sum(), zero, zero, zero, zero])
     else:
-        table = _recipe_table(cfg, a.device, a.dtype)
-        score_on = table.score[task_ids]
-        _check_scores(scores, score_on)
-        cos_on, trip_on = table.cos[task_ids], table.triplet[task_ids]
-        pos, trip = _positives_and_triplet(sim_ab, targets, table.margin[task_ids], cfg.triplet_negatives, same)
-        mse = score_mse_pos(pos, torch.where(score_on > 0, scores, torch.zeros_like(scores)))
-        cos = cosine_pos(pos)
-        # R couples every text_pair pair of the *global* batch, so each worker computes it whole
-        # (O(N²) scalars, no matmul) and adds it unscaled: see the docstring's formula.
-        score_all = table.score[batch.task_ids]
-        pos_all = pos if batch.world_size == 1 and n == rows else pair_similarity(batch.a, batch.b)
-        rank = margin_rank_pos(pos_all, batch.scores, cfg.rank_margin, score_all > 0)
-        per_row = nce + score_on * cfg.lambda_score * mse + cos_on * cos + table.lambda_triplet[task_ids] * trip
-        rank_loss = cfg.lambda_rank * rank * (task_weights[batch.task_ids] * score_all).sum()
-
-    loss = (batch.world_size / n) * (weight * per_row).sum() + rank_loss / n
-
-    with torch.no_grad():
-        onehot = F.one_hot(task_ids.long(), len(TASKS)).to(a.dtype)  # (rows, 5)
-        ones = torch.ones_like(nce)
-        if rank is None:
-            raw = nce.detach()
-            zero = nce.new_zeros(())
-            term_sum = torch.stack([nce.sum(), zero, zero, zero, zero])
-            term_count = torch.stack([ones.sum(), zero, zero, zero, zero])
-        else:
-            raw = (per_row + score_on * cfg.lambda_rank * rank).detach()
-            term_sum = torch.stack([nce.sum(), (score_on * mse).sum(), score_on.sum() * rank,
-                                    (cos_on * cos).sum(), (trip_on * trip).sum()])
-            term_count = torch.stack([ones.sum(), score_on.sum(), score_on.sum(), cos_on.sum(), trip_on.sum()])
-        task_sum = onehot.T @ raw
-        stats = DLEStats(task_sum=task_sum, task_count=onehot.sum(0), task_weighted=task_weights * task_sum / n,
-                         term_sum=term_sum.detach(), term_count=term_count)
-    return loss, stats
+        score_on, cos_on, trip_on = terms.score_on, terms.cos_on, terms.trip_on
+        raw = (terms.per_row + score_on * cfg.lambda_rank * terms.rank).detach()  # (R,)
+        term_sum = torch.stack([nce.sum(), (score_on * terms.mse).sum(), score_on.sum() * terms.rank,
+                                (cos_on * terms.cos).sum(), (trip_on * terms.trip).sum()])
+        term_count = torch.stack([ones.sum(), score_on.sum(), score_on.sum(), cos_on.sum(), trip_on.sum()])
+    task_sum = onehot.T @ raw  # (5,)
+    return DLEStats(task_sum=task_sum, task_count=onehot.sum(0), task_weighted=task_weights * task_sum / n,
+                    term_sum=term_sum.detach(), term_count=term_count)
 
 
 def _positives_and_triplet(sim_ab: Tensor, targets: Tensor, margin: Tensor, negatives: TripletNegatives,

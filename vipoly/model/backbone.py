@@ -119,7 +119,7 @@ def patch_embed_as_linear(backbone: Qwen2VLModel) -> bool:
 
 def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: str = "float32") -> Qwen2VLModel:
     """The bare Qwen2-VL model (vision tower + language model) in `dtype` with the resolved attention."""
-    from vipoly.model.packing import VARLEN, varlen_implementations
+    from vipoly.model.packing import VARLEN, use_varlen
 
     attn = resolve_attn_implementation(attn_implementation)
     try:
@@ -131,7 +131,7 @@ def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: 
         raise ValueError(f"model.backbone {str(source)!r}: cannot load a Qwen2-VL model "
                          f"({str(e).splitlines()[0]})") from e
     if attn == VARLEN:
-        model.set_attn_implementation(varlen_implementations(model))
+        use_varlen(model)
     patch_embed_as_linear(model)
     log.info("backbone %s: %s, attention=%s, dtype=%s", source, type(model).__name__, attn, dtype)
     return model

@@ -36,7 +36,7 @@ from vipoly.config import ModelConfig
 from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
 from vipoly.folder import META_FILE, is_polyembedder_dir, read_meta
 from vipoly.model.inputs import InputBuilder, apply_explicit, decode_image
-from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, unpack, varlen_implementations
+from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, unpack, use_varlen
 from vipoly.model.pooling import build_pooling
 from vipoly.model.projection import ProjectionHead, matryoshka
 from vipoly.st import write_st_files
@@ -245,7 +245,7 @@ class PolyEmbedder(nn.Module):
     def use_varlen_attention(self) -> None:
         """Switch the backbone to PyTorch's varlen FlashAttention for packed batches (SDPA for all
         else) and for the vision tower; see packing.VARLEN. For GPUs without the flash_attn package."""
-        self.backbone.set_attn_implementation(varlen_implementations(self.backbone))
+        use_varlen(self.backbone)
 
     # ------------------------------------------------------------ encode
     @torch.no_grad()

@@ -102,7 +102,7 @@ def save_inputs(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
     vipoly.json, the effective model config (`effective_model_config`). A plain Qwen2-VL
     checkpoint's processor gets the task tokens `build` adds (same tokens, same order, so the same
     ids); a PolyEmbedder folder's already has them. The data workers (`InputBuilder.from_pretrained`,
-    vipoly.data.encode) read this, so they tokenise and resize images as the model is configured.
+    vipoly.data.tokenize) read this, so they tokenise and resize images as the model is configured.
     It holds no weights: `PolyEmbedder.from_pretrained` refuses it."""
     from vipoly.model.backbone import load_processor, save_processor
 
@@ -126,7 +126,7 @@ def inputs_dir(cfg: Config) -> str:
 def write_inputs(cfg: Config) -> str:
     """`inputs_dir(cfg)`, written (`save_inputs`) for whatever the backbone is, so that the model and
     the data workers follow one ModelConfig: a `--set model.max_length=…` on a PolyEmbedder
-    backbone reaches the tokenisation too. What `pipelines.train` and `python -m vipoly.data.encode`
+    backbone reaches the tokenisation too. What `pipelines.train` and `python -m pipelines.pretokenize`
     both call, so the pre-encoded copies match the training run's inputs. The backbone folder is
     only read."""
     return str(save_inputs(cfg.model, inputs_dir(cfg)))

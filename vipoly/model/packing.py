@@ -306,14 +306,19 @@ def register_varlen_attention() -> str:
     return VARLEN
 
 
-def varlen_implementations(backbone: nn.Module) -> str | dict[str, str]:
-    """What `set_attn_implementation` takes to run `backbone` on the varlen kernel: VARLEN for the
-    language model, VISION_VARLEN for a vision tower (whose sub-config is "vision_config")."""
+def use_varlen(backbone: nn.Module) -> None:
+    """Run `backbone` on the varlen kernel: VARLEN for the language model, VISION_VARLEN for a
+    vision tower (the sub-config "vision_config").
+
+    VARLEN goes through `set_attn_implementation`, which checks it; VISION_VARLEN is then written
+    on the vision config itself. transformers ≥ 5.25 takes any name with "flash" in it, in
+    `set_attn_implementation`, for a kernel to fetch from the Hub (and fails offline), while its
+    vision tower only reads the name to choose the cu_seqlens path."""
     register_varlen_attention()
-    sub_configs = getattr(backbone.config, "sub_configs", {}) or {}
-    if "vision_config" not in sub_configs:
-        return VARLEN
-    return {"": VARLEN, **{name: VISION_VARLEN if name == "vision_config" else VARLEN for name in sub_configs}}
+    backbone.set_attn_implementation(VARLEN)
+    vision = getattr(backbone.config, "vision_config", None)
+    if vision is not None:
+        vision._attn_implementation = VISION_VARLEN
 
 
 def varlen_available() -> bool:

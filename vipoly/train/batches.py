@@ -15,7 +15,7 @@ import numpy as np
 
 from vipoly.config import Config, TrainConfig
 from vipoly.data.collate import hard_negatives, load_builder, pad_sides, pair_labels, sides
-from vipoly.data.encode import default_cache, encoded_files
+from vipoly.data.pretokenized import default_cache, encoded_files
 from vipoly.data.shards import QUARANTINE
 from vipoly.data.stream import PlannedStream, resolve_sources
 from vipoly.model.inputs import inputs_dir, write_inputs  # write_inputs: re-exported
@@ -71,15 +71,15 @@ class TrainStream:
 
     def __init__(self, cfg: Config, plan, rank: int, world: int):
         self.cfg, self.plan, self.rank, self.world = cfg, plan, rank, world
-        self.model_dir = inputs_dir(cfg)
-        self.builder = load_builder(self.model_dir)
+        self.inputs_dir = inputs_dir(cfg)
+        self.builder = load_builder(self.inputs_dir)
         cache = default_cache(cfg.data)
-        self.encoded = {name: encoded_files(index.files, cache, self.model_dir) if cache else None
+        self.encoded = {name: encoded_files(index.files, cache, self.inputs_dir) if cache else None
                         for name, index in plan.sources.items()}
         self._open(None)
 
     def _open(self, position: dict | None) -> None:
-        self.stream = PlannedStream(self.plan, self.rank, self.world, self.model_dir, state=position,
+        self.stream = PlannedStream(self.plan, self.rank, self.world, self.inputs_dir, state=position,
                                     encoded=self.encoded, read_ahead=self.cfg.data.read_ahead,
                                     quarantine=Path(self.cfg.run.dir) / QUARANTINE)
         self._state = self.stream.state()
@@ -102,7 +102,7 @@ class TrainStream:
         batch = pair_labels(rows)
         negs, owners = [], []
         if self.cfg.data.negatives:
-            found = hard_negatives(rows, self.cfg.data.negatives, self.model_dir)
+            found = hard_negatives(rows, self.cfg.data.negatives, self.inputs_dir)
             negs, owners = found.pop("input_ids"), found["neg_owner"].tolist()
             batch.update(found)
         size = self.cfg.train.gradcache_chunk

@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,12 +79,175 @@ def train_loop_per_worker(config: dict) -> None:
     run_training(Config.model_validate(config["cfg"]), config["stream"], use_ray=config.get("use_ray", True))
 
 
+@dataclass(frozen=True)
+class Stop:
+    """Why the loop ends before its last step: a pause (train.stop_after: re-run to continue) or a
+    stop (too many non-finite steps), which also leaves run.dir/STOPPED."""
+
+    reason: str
+    paused: bool = False
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step; `extra()` is what a checkpoint keeps of it."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    bad_in_row: int = 0
+    bad_total: int = 0
+    """Steps skipped for a non-finite loss: in a row now, and in all."""
+    seen: torch.Tensor = field(default_factory=lambda: torch.zeros(len(TASKS), dtype=torch.float64))
+    """Samples trained on per task (TASKS order), summed over workers."""
+    wandb_id: str | None = None
+
+    @classmethod
+    def resumed(cls, step: int, extra: dict) -> LoopState:
+        return cls(step, extra.get("bad_in_row", 0), extra.get("bad_total", 0),
+                   torch.tensor(extra.get("seen", [0] * len(TASKS)), dtype=torch.float64), extra.get("wandb_id"))
+
+    def extra(self) -> dict:
+        return {"bad_in_row": self.bad_in_row, "bad_total": self.bad_total, "seen": self.seen.tolist(),
+                "wandb_id": self.wandb_id}
+
+    def count(self, out: StepResult, max_bad_steps: int) -> Stop | None:
+        """Book a finished step: the samples it saw and whether its loss was finite."""
+        self.step += 1
+        self.seen += out.stats.task_count.cpu()
+        if out.finite:
+            self.bad_in_row = 0
+            return None
+        self.bad_in_row, self.bad_total = self.bad_in_row + 1, self.bad_total + 1
+        if self.bad_in_row < max_bad_steps:
+            return None
+        return Stop(f"stopped: {self.bad_in_row} steps in a row had a non-finite loss (last at step {self.step}); "
+                    f"lower train.lr or check the data")
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, summed over the workers (every rank holds the same numbers)."""
+
+    stats: DLEStats
+    """Per-task loss sums and row counts of the global batch (`reduce_stats`)."""
+    loss: float
+    """The weighted DLE loss, mean over workers; 0 for a skipped step."""
+    entropy: float
+    """Pooling attention entropy, mean over workers."""
+    digest: int
+    """Σ crc32(id) mod 2^31 over the global batch: equal for any number of workers."""
+    bad_rows: int
+    bytes_read: int
+    """The data stream's counters: rows quarantined and bytes read, all workers."""
+    masked: int
+    """Likely false negatives masked out of the loss."""
+    columns: float
+    """Candidates per query: the similarity matrix's columns (this rank's micro-batches, averaged)."""
+    norms: dict | None
+    """Gradient norms, total and per component, before clipping (None on a skipped step)."""
+    finite: bool
+
+
+def train_step(engine, stream, cfg: Config, ctx: Context, lam: torch.Tensor, poison: bool = False) -> StepResult:
+    """`train.grad_accum` micro-batches, then one optimizer step (skipped, whole, when any worker's
+    loss is non-finite). `poison`: make this step's loss NaN (debug.nan_at_steps)."""
+    tcfg, device = cfg.train, ctx.device
+    dims = cfg.model.projection.matryoshka_dims if cfg.model.projection.matryoshka else None
+    stats_sum = None  # Σ over micro-batches of this rank's DLEStats (they combine by addition)
+    loss_total, entropy, digest, bad, norms = 0.0, 0.0, 0, False, None
+    masked = torch.zeros((), dtype=torch.int64, device=device)  # no host sync per micro-batch
+    columns = 0.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16 and device.type == "cuda")
+    for _ in range(tcfg.grad_accum):
+        batch = stream.next_batch()
+        data_counts = [batch.get("bad_rows", 0), batch.get("bytes_read", 0)]  # the stream's running totals
+        with autocast:
+            if tcfg.gradcache_chunk:  # embeddings with no graph; the chunks' graphs come after the loss
+                cache = CachedBatch(engine.model, batch["chunks"], device)
+                embedding, batch_entropy = cache.embedding, cache.entropy
+            else:
+                out = engine.forward(**{k: v.to(device) for k, v in batch["inputs"].items()})
+                embedding, batch_entropy = out.embedding, pooling_entropy(out.pooling_weights, out.attention_mask)
+        n = batch["task_ids"].shape[0]
+        # Rows: the queries, the positives, then the hard negatives (data.negatives).
+        a, b = embedding[:n].float(), embedding[n:2 * n].float()      # (n, D) each
+        negs = embedding[2 * n:].float() if "neg_owner" in batch else None  # (n·negatives, D)
+        if poison:
+            a = a * float("nan")
+        keys = batch["pos_key"].to(device)
+        neg_keys = batch["neg_key"].to(device) if negs is not None else None
+        cols = candidates(keys, neg_keys, cfg.loss)  # gathered once: for the loss and for the counts
+        loss, stats = global_dle_loss(a, b, batch["task_ids"].to(device), batch["scores"].to(device), lam, cfg.loss,
+                                      dims=dims, pos_keys=keys, negatives=negs, neg_keys=neg_keys, column_keys=cols)
+        masked += masked_pairs(keys, cols, cfg.loss)
+        columns += len(cols) / tcfg.grad_accum
+        if all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item() != 0:
+            bad = True
+            loss = engine.discard(loss)
+        if tcfg.gradcache_chunk:
+            with autocast:
+                cache.backward(loss, engine.backward_chunk)
+        else:
+            engine.backward(loss)
+        loss_total += float(loss.detach().nan_to_num(0.0)) / tcfg.grad_accum
+        t = stats.to_tensor().double()
+        stats_sum = t if stats_sum is None else stats_sum + t
+        digest += sum(zlib.crc32(i.encode()) for i in batch["id"])
+        entropy += batch_entropy / tcfg.grad_accum
+        norms = engine.step(skip=bad)
+
+    # Sum over workers: every rank then holds the same task losses and so computes the same λ.
+    g = reduce_stats(DLEStats.from_tensor(stats_sum))
+    sums = all_sum(torch.cat([torch.tensor([loss_total, entropy, digest % 2**31, *data_counts], dtype=torch.float64,
+                                           device=device), masked.double()[None]])).cpu()
+    return StepResult(stats=g, loss=sums[0].item() / ctx.world, entropy=sums[1].item() / ctx.world,
+                      digest=int(sums[2].item()) % 2**31,  # (Σ_r d_r mod M) mod M: W-independent
+                      bad_rows=int(sums[3].item()), bytes_read=int(sums[4].item()), masked=int(sums[5].item()),
+                      columns=columns, norms=norms, finite=not bad)
+
+
+class Monitor:
+    """Rank 0's outputs for each logged step: metrics.jsonl, wandb and the console line."""
+
+    def __init__(self, cfg: Config, run_dir: Path, total: int, state: LoopState, first: dict):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step)
+        self.console = Console(total, state.step)
+        self.wandb = Wandb(cfg.run.wandb, run_dir, cfg.run.name or run_dir.name, cfg.to_dict(), state.wandb_id)
+        state.wandb_id = self.wandb.id
+        self.volatility = Volatility()
+        self.first = first  # the parameter counts: on the run's first row only
+
+    def row(self, out: StepResult, state: LoopState, epoch: int, phase: str, lam: torch.Tensor, lr: float,
+            drift: float, seconds: float) -> dict:
+        task_mean, shares = out.stats.task_losses(), out.stats.shares()
+        row = {"step": state.step, "epoch": epoch, "phase": phase, "loss": out.loss, "lr": lr,
+               "samples_per_s": out.stats.task_count.sum().item() / max(1e-9, seconds),
+               "volatility": self.volatility(out.loss), "pooling_entropy": out.entropy, "projection_drift": drift,
+               "bad_steps_total": state.bad_total, "data_digest": out.digest, "bad_rows_total": out.bad_rows,
+               "data_bytes_read": out.bytes_read, "masked_pairs": out.masked, "candidates_per_query": out.columns,
+               **(out.norms or {})}
+        for i, t in enumerate(TASKS):
+            if t in task_mean:
+                row[f"loss/{t}"] = task_mean[t]
+            row[f"weight/{t}"] = float(lam[i])
+            row[f"share/{t}"] = shares.get(t, 0.0)
+            row[f"samples_seen/{t}"] = int(state.seen[i].item())
+        row.update(self.first)
+        self.first = {}
+        return row
+
+    def write(self, row: dict) -> None:
+        self.log.write(row)
+        self.wandb.log(row)
+        say(self.console.line(row))
+
+
 def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None) -> dict:
     ctx = Context(use_ray)
     if use_ray:
         quiet_worker_logs(cfg.run.verbose, ctx.rank, ctx.device)
-    run_dir = Path(cfg.run.dir)
-    tcfg = cfg.train
+    run_dir, tcfg = Path(cfg.run.dir), cfg.train
     seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
     model = build_model(cfg, ctx.device)  # also turns on gradient checkpointing when configured
     if tcfg.compile:
@@ -93,166 +257,91 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
     counts = model.parameter_counts()  # before ZeRO-3 partitions them; the run's first row carries them
     engine = build_engine(model, cfg, total, ctx.device)
-    initial_proj = engine.full_weights("projection.")  # for projection_drift
     weighter = TaskWeighter(cfg.stw)
-
-    start, extra = 0, {}
-    seed_everything(tcfg.seed * 1000 + ctx.rank)  # per rank from here on (dropout, shuffles)
-    ckpt_dir = ctx.checkpoint_dir()
-    if ckpt_dir is not None:
-        engine.load(ckpt_dir)
-        state = load_run_state(ckpt_dir)
-        start, extra = state["step"], state.get("extra", {})
-        weighter.load_state_dict(state["stw"])
-        initial_proj = state.get("initial_proj", initial_proj)
-        # The data position is the same for every number of workers (vipoly.data.plan): merge what
-        # the ranks saved, whichever W saved it. RNG states are per rank: restored where one exists.
-        stream.load_state_dict(PlanState.merge(load_all_data_positions(ckpt_dir)).to_dict())
-        rank_state = load_rank_state(ckpt_dir, ctx.rank)
-        if rank_state is not None:
-            set_rng_state(rank_state["rng"])
-        if ctx.rank == 0:
-            say(f"resumed from step {start}")
-
-    rank0 = ctx.rank == 0
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start)
-        console = Console(total, start)
-        wb = Wandb(cfg.run.wandb, run_dir, cfg.run.name or run_dir.name, cfg.to_dict(), extra.get("wandb_id"))
-        extra["wandb_id"] = wb.id
-    volatility = Volatility()
-    bad_in_row, bad_total = extra.get("bad_in_row", 0), extra.get("bad_total", 0)
-    seen = torch.tensor(extra.get("seen", [0] * len(TASKS)), dtype=torch.float64)
-    stopped, done = None, start
-    dims = cfg.model.projection.matryoshka_dims if cfg.model.projection.matryoshka else None
+    state, initial_proj = resume(ctx, engine, weighter, stream, cfg.train.seed)
+    initial_proj = initial_proj if initial_proj is not None else engine.full_weights("projection.")  # for the drift
+    start, stop = state.step, None
+    monitor = Monitor(cfg, run_dir, total, state, counts) if ctx.rank == 0 else None
 
     for step in range(start, total):
-        t0, done_before = time.time(), step
-        epoch, phase = step // steps_per_epoch, phase_of(step, tcfg)
+        t0, epoch, phase = time.time(), step // steps_per_epoch, phase_of(step, tcfg)
         lam = weighter.as_tensor(epoch).to(ctx.device)
-        stats_sum = None  # Σ over micro-batches of this rank's DLEStats (they combine by addition)
-        loss_total, entropy, digest, bad = 0.0, 0.0, 0, False
-        masked = torch.zeros((), dtype=torch.int64, device=ctx.device)  # false negatives masked (no host sync)
-        columns = 0  # candidates per query: the similarity matrix's columns, summed over micro-batches
-        for _ in range(tcfg.grad_accum):
-            batch = stream.next_batch()
-            data_counts = [batch.get("bad_rows", 0), batch.get("bytes_read", 0)]
-            autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=tcfg.bf16 and ctx.device.type == "cuda")
-            with autocast:
-                if tcfg.gradcache_chunk:  # embeddings with no graph; the chunks' graphs come after the loss
-                    cache = CachedBatch(engine.model, batch["chunks"], ctx.device)
-                    embedding, batch_entropy = cache.embedding, cache.entropy
-                else:
-                    out = engine.forward(**{k: v.to(ctx.device) for k, v in batch["inputs"].items()})
-                    embedding, batch_entropy = out.embedding, pooling_entropy(out.pooling_weights, out.attention_mask)
-            n = batch["task_ids"].shape[0]
-            # Rows: the queries, the positives, then the hard negatives (data.negatives).
-            a, b, negs = (embedding[:n].float(), embedding[n:2 * n].float(),
-                          embedding[2 * n:].float() if "neg_owner" in batch else None)
-            if done_before + 1 in cfg.debug.nan_at_steps:
-                a = a * float("nan")
-            keys = batch["pos_key"].to(ctx.device)
-            neg_keys = batch["neg_key"].to(ctx.device) if negs is not None else None
-            cols = candidates(keys, neg_keys, cfg.loss)  # gathered once: for the loss and for the counts
-            loss, stats = global_dle_loss(a, b, batch["task_ids"].to(ctx.device), batch["scores"].to(ctx.device),
-                                          lam, cfg.loss, dims=dims, pos_keys=keys, negatives=negs, neg_keys=neg_keys,
-                                          column_keys=cols)
-            masked += masked_pairs(keys, cols, cfg.loss)
-            columns += len(cols) / tcfg.grad_accum
-            finite = all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=ctx.device)).item() == 0
-            if not finite:
-                bad = True
-                loss = engine.discard(loss)
-            if tcfg.gradcache_chunk:
-                with autocast:
-                    cache.backward(loss, engine.backward_chunk)
-            else:
-                engine.backward(loss)
-            loss_total += float(loss.detach().nan_to_num(0.0)) / tcfg.grad_accum  # a skipped step logs 0
-            t = stats.to_tensor().double()
-            stats_sum = t if stats_sum is None else stats_sum + t
-            digest += sum(zlib.crc32(i.encode()) for i in batch["id"])
-            entropy += batch_entropy / tcfg.grad_accum
-            norms = engine.step(skip=bad)
-
-        # Sum over workers: every rank then holds the same task losses and so computes the same λ.
-        g = reduce_stats(DLEStats.from_tensor(stats_sum))
-        extras = all_sum(torch.cat([torch.tensor([loss_total, entropy, digest % 2**31, *data_counts], dtype=torch.float64,
-                                                 device=ctx.device), masked.double()[None]])).cpu()
-        g_loss, g_entropy = extras[0].item() / ctx.world, extras[1].item() / ctx.world
-        g_counts = g.task_count.cpu()
-        seen += g_counts
-        if bad:
-            bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-            if bad_in_row >= tcfg.max_bad_steps:
-                stopped = (f"stopped: {bad_in_row} steps in a row had a non-finite loss (last at step {step + 1}); "
-                           f"lower train.lr or check the data")
-        else:
-            bad_in_row = 0
-            if dynamic_stw_active(step, tcfg):  # the first update sees only steps where updates apply
-                weighter.observe(DLEStats.from_tensor(g.to_tensor().cpu()))
-        done = step + 1
-        if dynamic_stw_active(step, tcfg) and weighter.due(done) and weighter.window_losses():
-            weighter.update_from_window(epoch)
-
-        log_now = done % tcfg.log_every == 0 or done == total or stopped  # the same on every rank
-        # Under ZeRO-3 the projection is gathered for the drift: a collective, so every rank measures it.
-        drift = weight_drift(engine.full_weights("projection."), initial_proj) if log_now else None
-        if rank0 and log_now:
-            task_mean, shares = g.task_losses(), g.shares()
-            row = {"step": done, "epoch": epoch, "phase": phase, "loss": g_loss, "lr": engine.lr(),
-                   "samples_per_s": g_counts.sum().item() / max(1e-9, time.time() - t0),
-                   "volatility": volatility(g_loss), "pooling_entropy": g_entropy,
-                   "projection_drift": drift,
-                   "bad_steps_total": bad_total, "data_digest": int(extras[2].item()) % 2**31,  # (Σ_r d_r mod M) mod M: W-independent
-                   "bad_rows_total": int(extras[3].item()), "data_bytes_read": int(extras[4].item()),
-                   "masked_pairs": int(extras[5].item()), "candidates_per_query": columns, **(norms or {})}
-            for i, t in enumerate(TASKS):
-                if t in task_mean:
-                    row[f"loss/{t}"] = task_mean[t]
-                row[f"weight/{t}"] = float(lam[i])
-                row[f"share/{t}"] = shares.get(t, 0.0)
-                row[f"samples_seen/{t}"] = int(seen[i].item())
-            if counts:
-                row.update(counts)
-                counts = None
-            log.write(row)
-            wb.log(row)
-            say(console.line(row))
-
-        if tcfg.stop_after and done - start >= tcfg.stop_after and done < total:
-            stopped = stopped or f"paused after {tcfg.stop_after} steps (train.stop_after); re-run to continue"
-        save, strategic = is_checkpoint_step(done, tcfg)
-        if save or done == total or stopped:
-            extra.update(bad_in_row=bad_in_row, bad_total=bad_total, seen=seen.tolist())
-            _checkpoint(ctx, engine, weighter, stream, done, epoch, extra, initial_proj, strategic, run_dir)
-        # Ray Train's report is a barrier across workers (≈0.2–2 s): report with checkpoints only;
-        # per-step numbers go to metrics.jsonl and wandb.
-        if stopped:
+        out = train_step(engine, stream, cfg, ctx, lam, poison=step + 1 in cfg.debug.nan_at_steps)
+        stop = state.count(out, tcfg.max_bad_steps)
+        if dynamic_stw_active(step, tcfg):  # the first update sees only steps where updates apply
+            if out.finite:
+                weighter.observe(DLEStats.from_tensor(out.stats.to_tensor().cpu()))
+            if weighter.due(state.step) and weighter.window_losses():
+                weighter.update_from_window(epoch)
+        if state.step % tcfg.log_every == 0 or state.step == total or stop:  # the same on every rank
+            # Under ZeRO-3 the projection is gathered for the drift: a collective, so every rank measures it.
+            drift = weight_drift(engine.full_weights("projection."), initial_proj)
+            if monitor:
+                monitor.write(monitor.row(out, state, epoch, phase, lam, engine.lr(), drift, time.time() - t0))
+        if tcfg.stop_after and state.step - start >= tcfg.stop_after and state.step < total:
+            stop = stop or Stop(f"paused after {tcfg.stop_after} steps (train.stop_after); re-run to continue",
+                                paused=True)
+        save, strategic = is_checkpoint_step(state.step, tcfg)
+        if save or state.step == total or stop:
+            last = state.step == total or stop is not None  # finish() writes the report after the export
+            _checkpoint(ctx, engine, weighter, stream, state.step, epoch, state.extra(), initial_proj, strategic,
+                        run_dir, report=not last)
+        if stop:
             break
-        if cfg.debug.fail_at_step == done and ctx.rank == cfg.debug.fail_rank:
-            marker = run_dir / f".fault-injected-{done}"
-            if not marker.exists():
-                marker.write_text("injected\n")
-                say(f"debug: killing worker rank {ctx.rank} after step {done}")
-                os._exit(1)
+        inject_fault(cfg, ctx.rank, state.step, run_dir)
+    finish(ctx, engine, stream, monitor, stop, run_dir)
+    return {"step": state.step, "stopped": stop}
 
+
+def resume(ctx: Context, engine, weighter: TaskWeighter, stream, seed: int) -> tuple[LoopState, dict | None]:
+    """The loop's state from Ray Train's checkpoint (a fresh one without), with the engine, STW,
+    data position and this rank's RNG restored; also the projection's weights at step 0 when saved."""
+    seed_everything(seed * 1000 + ctx.rank)  # per rank from here on (dropout, shuffles)
+    ckpt_dir = ctx.checkpoint_dir()
+    if ckpt_dir is None:
+        return LoopState(), None
+    engine.load(ckpt_dir)
+    saved = load_run_state(ckpt_dir)
+    weighter.load_state_dict(saved["stw"])
+    # The data position is the same for every number of workers (vipoly.data.plan): merge what
+    # the ranks saved, whichever W saved it. RNG states are per rank: restored where one exists.
+    stream.load_state_dict(PlanState.merge(load_all_data_positions(ckpt_dir)).to_dict())
+    rank_state = load_rank_state(ckpt_dir, ctx.rank)
+    if rank_state is not None:
+        set_rng_state(rank_state["rng"])
+    if ctx.rank == 0:
+        say(f"resumed from step {saved['step']}")
+    return LoopState.resumed(saved["step"], saved.get("extra", {})), saved.get("initial_proj")
+
+
+def inject_fault(cfg: Config, rank: int, step: int, run_dir: Path) -> None:
+    """debug.fail_at_step: kill this worker once (a marker file in run.dir) to exercise recovery."""
+    if cfg.debug.fail_at_step != step or rank != cfg.debug.fail_rank:
+        return
+    marker = run_dir / f".fault-injected-{step}"
+    if not marker.exists():
+        marker.write_text("injected\n")
+        say(f"debug: killing worker rank {rank} after step {step}")
+        os._exit(1)
+
+
+def finish(ctx: Context, engine, stream, monitor: Monitor | None, stop: Stop | None, run_dir: Path) -> None:
     close = getattr(stream, "close", None)
     if close:
         close()  # stops the prefetch thread and the sources' pipelines
     engine.export(run_dir / "model", ctx.rank)
-    if rank0:
-        write_report(run_dir)
-        wb.finish()
-        if stopped and not stopped.startswith("paused"):
-            (run_dir / "STOPPED").write_text(stopped + "\n")
-        if stopped:
-            say(stopped)
-    return {"step": done, "stopped": stopped}
+    if monitor is None:
+        return
+    write_report(run_dir)
+    monitor.wandb.finish()
+    if stop and not stop.paused:
+        (run_dir / "STOPPED").write_text(stop.reason + "\n")
+    if stop:
+        say(stop.reason)
 
 
-def _checkpoint(ctx, engine, weighter, stream, step, epoch, extra, initial_proj, strategic, run_dir) -> None:
+def _checkpoint(ctx, engine, weighter, stream, step, epoch, extra, initial_proj, strategic, run_dir,
+                report: bool = True) -> None:
     with tempfile.TemporaryDirectory(prefix="vipoly-ckpt-") as tmp:
         d = Path(tmp)
         engine.save(d, ctx.rank)
@@ -261,7 +350,8 @@ def _checkpoint(ctx, engine, weighter, stream, step, epoch, extra, initial_proj,
             save_run_state(d, step, epoch, weighter.state_dict(), extra, initial_proj)
             if (run_dir / "metrics.jsonl").exists():
                 (d / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
-            write_report(run_dir)
+            if report:  # refreshed for whoever watches a long run (its plots cost ≈0.5 s of CPU)
+                write_report(run_dir)
         # Strategic checkpoints score above all periodic ones, so the retention policy keeps them.
         score = step + (1e12 if strategic else 0)
         ctx.report({"step": step, "checkpoint_score": score}, d, name=f"checkpoint-{step:07d}")
