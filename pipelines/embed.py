@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> dict:
     check_task(args.task)
     model_dir = Path(args.model)
     meta = read_meta(model_dir)
-    overrides = inference_overrides(config_from_args(args))
+    cfg = config_from_args(args)
+    overrides = inference_overrides(cfg)
     effective_model_config(model_dir, overrides)  # a bad override fails here, not inside an actor
     model_name = args.model_name or meta.get("name") or model_dir.resolve().name
     if args.dim is not None and not 1 <= args.dim <= meta["embedding_dim"]:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     # Small inputs give an operator fewer blocks than its concurrency cap; Ray warns about each.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
 
-    we_start_ray = init_ray(log_to_driver=False)
+    we_start_ray = init_ray(log_to_driver=False, verbose=cfg.run.verbose)
     check_resources(args, ray.cluster_resources(), strict=we_start_ray)
 
     ds = read_inputs(per_file, done, str(side_dir), cpus=args.prepare_cpus, tasks=args.read_tasks)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inputs_dir = write_inputs(cfg)
     text_encoder(inputs_dir)  # a wrong model folder fails here, before any task starts
     files = sorted({f for fs in resolve_sources(cfg.data).values() for f in fs})
-    init_ray(cfg.run.ray_address)
+    init_ray(cfg.run.ray_address, verbose=cfg.run.verbose)
     task = ray.remote(num_cpus=1)(tokenize_file)  # ray: one file per task
     pending = [task.remote(f, cache, inputs_dir) for f in files]
     done = []

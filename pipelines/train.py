@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     done = latest_step(run_dir)
     if done:
         print(f"resumed from step {done}", flush=True)
-    init_ray(cfg.run.ray_address, dashboard=True)
+    init_ray(cfg.run.ray_address, dashboard=True, verbose=cfg.run.verbose)
     warn_unplaceable(cfg)
     result = build_trainer(cfg, run_dir, plan).fit()  # ray
     if (run_dir / "STOPPED").exists():

@@ -79,7 +79,8 @@ def start_ray(cfg: Config, concurrent: int, trial_cpus: float) -> None:
     only oversubscribe them, as the tests' shared Ray does."""
     t = cfg.train
     need = concurrent * (t.num_workers * t.cpus_per_worker + 1.0 + trial_cpus)
-    init_ray(cfg.run.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), dashboard=True)
+    init_ray(cfg.run.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), dashboard=True,
+             verbose=cfg.run.verbose)
 
 
 def interrupted(grid) -> bool:

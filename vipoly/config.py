@@ -354,8 +354,9 @@ class RunConfig(Strict):
     ray_address: str | None = None
     """None = the cluster from RAY_ADDRESS or `ray job submit`, else an embedded local Ray."""
     verbose: bool = False
-    """Show Ray Train's own INFO lines (worker group start, each checkpoint report) and the full
-    config at launch; off: one line per logged step, Ray's warnings and errors."""
+    """Show Ray Train's and Ray Data's own INFO lines (worker group start, each checkpoint report,
+    each dataset's execution plan) and the full config at launch; off: one line per logged step,
+    Ray's warnings and errors."""
 
 
 class DebugConfig(Strict):

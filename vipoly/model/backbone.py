@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -33,6 +34,11 @@ except ImportError:  # older releases: the default Qwen2VLImageProcessor is the 
     from transformers import Qwen2VLImageProcessor as ImageProcessor
 
 log = logging.getLogger(__name__)
+
+if not torch.cuda.is_available():
+    # transformers' save_pretrained imports deepspeed where it is installed, and deepspeed then warns
+    # in every process that it found no accelerator and chose the CPU: tell it so up front.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

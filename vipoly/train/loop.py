@@ -246,7 +246,7 @@ class Monitor:
 def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None) -> dict:
     ctx = Context(use_ray)
     if use_ray:
-        quiet_worker_logs(cfg.run.verbose, ctx.rank, ctx.device)
+        quiet_worker_logs(cfg.run.verbose, ctx.rank)
     run_dir, tcfg = Path(cfg.run.dir), cfg.train
     seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
     model = build_model(cfg, ctx.device)  # also turns on gradient checkpointing when configured

@@ -109,7 +109,7 @@ def _fmt(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def quiet_worker_logs(verbose: bool, rank: int, device: torch.device) -> None:
+def quiet_worker_logs(verbose: bool, rank: int) -> None:
     """A Ray Train worker's console: our INFO lines from rank 0 only (the others repeat them), and
     Ray Train's INFO lines (each checkpoint report, logged by a logger outside `ray.train`) only
     when run.verbose. A propagated record meets no ancestor's level, only the root's handlers, so
@@ -117,10 +117,6 @@ def quiet_worker_logs(verbose: bool, rank: int, device: torch.device) -> None:
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("vipoly").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if device.type == "cpu":
-        # transformers' save_pretrained imports deepspeed when it is installed, which warns on
-        # every worker that it found no accelerator and picked the CPU: say so up front.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def say(line: str) -> None:
