@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = ray.remote(num_cpus=1)(tokenize_file)  # ray: one file per task
     pending = [task.remote(f, cache, inputs_dir) for f in files]
     done = []
-    with tqdm(total=len(pending), desc="encoding files", unit="file", disable=not sys.stderr.isatty()) as bar:
+    with tqdm(total=len(pending), desc="tokenising files", unit="file", disable=not sys.stderr.isatty()) as bar:
         while pending:
             ready, pending = ray.wait(pending)  # ray
             done += ray.get(ready)  # ray
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     written = [d for d in done if d["rows"]]
     summary = {"cache": f"{cache}/{fingerprint(inputs_dir)}", "files": len(written), "rows": sum(d["rows"] for d in written),
                "skipped": {d["source"]: d["skipped"] for d in done if not d["rows"]}}
-    print(f"pre-encoded {summary['rows']} rows of {len(written)} files into {summary['cache']}; "
-          f"{len(summary['skipped'])} files left to the streaming encoder (images or empty)")
+    print(f"pre-tokenised {summary['rows']} rows of {len(written)} files into {summary['cache']}; "
+          f"{len(summary['skipped'])} files left to tokenise as they stream (images or empty)")
     return summary
 
 

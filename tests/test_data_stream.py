@@ -306,7 +306,7 @@ def assert_same_batch(a: dict, b: dict) -> None:
 def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_model_dir, tmp_path, capsys):
     """`python -m pipelines.pretokenize` writes tokenised copies of the text files; the stream then
     reads them and yields exactly the rows it yields when it encodes as it goes. Image files are
-    left to the streaming encoder; a changed source file makes its copy stale (not used)."""
+    left to tokenise as they stream; a changed source file makes its copy stale (not used)."""
     import os
     import shutil
 
@@ -326,7 +326,7 @@ def test_pre_encoded_text_gives_the_same_stream(ray_session, prepared, tiny_mode
 
     summary = pretokenize.main(["--config", str(tmp_path / "cfg.yaml")])
     assert summary["rows"] == 40 and len(summary["skipped"]) == len(task_sources(root)["ocr"])
-    assert "pre-encoded 40 rows" in capsys.readouterr().out
+    assert "pre-tokenised 40 rows" in capsys.readouterr().out
     cache = str(root / "_encoded")
     files = task_sources(root)
     assert encoded_files(files["text_pair"], cache, tiny_model_dir) is not None
