@@ -78,12 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     from vipoly.config import config_from_args
-    from vipoly.eval.loading import effective_model_config, inference_overrides, read_meta
+    from vipoly.eval.loading import effective_model_config, inference_overrides
+    from vipoly.folder import read_meta
     from vipoly.tasks import check_task
 
     check_task(args.task)
     model_dir = Path(args.model)
-    meta = read_meta(model_dir)
+    meta = read_meta(model_dir, "--model")
     cfg = config_from_args(args)
     overrides = inference_overrides(cfg)
     effective_model_config(model_dir, overrides)  # a bad override fails here, not inside an actor

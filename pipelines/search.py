@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list[dict]:
     from vipoly.config import config_from_args
-    from vipoly.eval.loading import inference_overrides, load_for_inference, read_meta
+    from vipoly.eval.loading import inference_overrides, load_for_inference
+    from vipoly.folder import read_meta
     from vipoly.search import open_table, search
     from vipoly.tasks import check_task
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise ValueError("give --query, --image or both")
     if args.k < 1:
         raise ValueError(f"--k {args.k}: must be ≥ 1")
-    read_meta(args.model)
+    read_meta(args.model, "--model")
     storage = dict(kv.split("=", 1) for kv in args.storage_option) or None
     table, plan = open_table(args.index, args.table, storage)
     model = load_for_inference(args.model, inference_overrides(config_from_args(args)))

@@ -47,11 +47,12 @@ def _defaults():
 
 def config(args: argparse.Namespace):
     from vipoly.config import config_from_args
-    from vipoly.eval.loading import effective_model_config, inference_overrides, read_meta
+    from vipoly.eval.loading import effective_model_config, inference_overrides
+    from vipoly.folder import read_meta
     from vipoly.serve.api import Limits
     from vipoly.serve.app import ServeConfig
 
-    read_meta(args.model)
+    read_meta(args.model, "--model")
     overrides = inference_overrides(config_from_args(args))
     effective_model_config(args.model, overrides)  # a bad override fails here, not in a replica
     if args.index:

@@ -102,13 +102,14 @@ class EmbeddingService:
     def __init__(self, cfg: dict):
         import torch
 
-        from vipoly.eval.loading import load_for_inference, read_meta
+        from vipoly.eval.loading import load_for_inference
+        from vipoly.folder import read_meta
 
         self.cfg = ServeConfig(**cfg)
         torch.set_num_threads(max(1, round(self.cfg.cpus_per_replica)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_for_inference(self.cfg.model, self.cfg.overrides, device)
-        self.name = read_meta(self.cfg.model).get("name") or self.model.name
+        self.name = read_meta(self.cfg.model, "--model").get("name") or self.model.name
         self.limits = self.cfg.limits
         self.embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)

@@ -257,9 +257,10 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
     counts = model.parameter_counts()  # before ZeRO-3 partitions them; the run's first row carries them
     engine = build_engine(model, cfg, total, ctx.device)
+    initial_proj = engine.full_weights("projection.")  # for projection_drift (a checkpoint's own replaces it)
     weighter = TaskWeighter(cfg.stw)
-    state, initial_proj = resume(ctx, engine, weighter, stream, cfg.train.seed)
-    initial_proj = initial_proj if initial_proj is not None else engine.full_weights("projection.")  # for the drift
+    state, saved_proj = resume(ctx, engine, weighter, stream, cfg.train.seed)
+    initial_proj = saved_proj if saved_proj is not None else initial_proj
     start, stop = state.step, None
     monitor = Monitor(cfg, run_dir, total, state, counts) if ctx.rank == 0 else None
 
