@@ -43,7 +43,8 @@ from transformers import Qwen2VLConfig, Qwen2VLModel  # noqa: E402
 
 from vipoly.config import ModelConfig, PoolingConfig, ProjectionConfig  # noqa: E402
 from vipoly.losses import infonce  # noqa: E402
-from vipoly.model.backbone import ImageProcessor, ImageTextProcessor, patch_embed_as_linear  # noqa: E402
+from vipoly.model.backbone import patch_embed_as_linear  # noqa: E402
+from vipoly.model.processor import ImageProcessor, ImageTextProcessor  # noqa: E402
 from vipoly.model.embedder import PolyEmbedder  # noqa: E402
 from vipoly.model.packing import VARLEN, pack_rows, register_varlen_attention, varlen_available  # noqa: E402
 from vipoly.model.tiny import corpus, train_tokenizer  # noqa: E402

@@ -35,7 +35,7 @@ def child(args: argparse.Namespace) -> None:
 
     from vipoly.config import load_config
     from vipoly.model.inputs import effective_model_config, write_inputs
-    from vipoly.train.batches import StreamFactory
+    from vipoly.train.launch import StreamFactory
     from vipoly.train.loop import run_training
     from vipoly.train.monitor import read_metrics
 

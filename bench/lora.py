@@ -53,7 +53,7 @@ def main() -> None:
     from vipoly.model import PolyEmbedder
     from vipoly.model.inputs import effective_model_config, write_inputs
     from vipoly.model.tiny import build_tiny
-    from vipoly.train.batches import StreamFactory
+    from vipoly.train.launch import StreamFactory
     from vipoly.train.loop import run_training
     from vipoly.train.monitor import read_metrics
 

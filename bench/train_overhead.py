@@ -40,7 +40,7 @@ def main() -> None:
     from vipoly.data.synthetic import main as synthetic
     from vipoly.model.inputs import write_inputs
     from vipoly.model.tiny import build_tiny
-    from vipoly.train.batches import StreamFactory
+    from vipoly.train.launch import StreamFactory
     from vipoly.train.loop import run_training
     from vipoly.train.monitor import read_metrics
 

@@ -53,7 +53,7 @@ def plain_qwen_dir(tiny_model, tmp_path_factory) -> Path:
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from vipoly.model.backbone import save_processor
+    from vipoly.model.processor import save_processor
     from vipoly.model.tiny import corpus, train_tokenizer
 
     out = tmp_path_factory.mktemp("plain") / "qwen"  # the model is named after its folder

@@ -27,7 +27,7 @@ class Prepare:
     def __init__(self, model_dir: str, overrides: dict, task: str | None, side_dir: str, keep_source: bool = False):
         from vipoly.eval.loading import effective_model_config
         from vipoly.model import InputBuilder
-        from vipoly.model.backbone import load_processor
+        from vipoly.model.processor import load_processor
 
         self.builder = InputBuilder(load_processor(model_dir), effective_model_config(model_dir, overrides))
         self.task, self.side_dir = task, side_dir

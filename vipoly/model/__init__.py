@@ -1,11 +1,27 @@
-"""The embedding model: Qwen2-VL backbone → pooling → projection → L2 (see embedder.py)."""
-from vipoly.model.embedder import COMPONENTS, EmbedOutput, PolyEmbedder, component_of
-from vipoly.folder import is_polyembedder_dir
-from vipoly.model.inputs import InputBuilder, decode_image
-from vipoly.model.pooling import (AttentionPooling, LastTokenPooling, MeanPooling, MultiHeadAttentionPooling,
-                                  build_pooling)
-from vipoly.model.projection import ProjectionHead, matryoshka
+"""The embedding model: Qwen2-VL backbone → pooling → projection → L2 (see embedder.py).
 
-__all__ = ["COMPONENTS", "EmbedOutput", "PolyEmbedder", "component_of", "is_polyembedder_dir", "InputBuilder",
-           "decode_image", "AttentionPooling", "LastTokenPooling", "MeanPooling", "MultiHeadAttentionPooling",
-           "build_pooling", "ProjectionHead", "matryoshka"]
+Names are imported on first use: `import vipoly.model.inputs` (every Ray task that decodes images
+for training) then does not import the transformers model code, which the embedder needs
+(≈ 3.5 CPU-seconds a process on this repo's CI machine; docs/benchmarks.md, "Test suite")."""
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "COMPONENTS": "embedder", "EmbedOutput": "embedder", "PolyEmbedder": "embedder", "component_of": "embedder",
+    "InputBuilder": "inputs", "decode_image": "inputs",
+    "AttentionPooling": "pooling", "LastTokenPooling": "pooling", "MeanPooling": "pooling",
+    "MultiHeadAttentionPooling": "pooling", "build_pooling": "pooling",
+    "ProjectionHead": "projection", "matryoshka": "projection",
+}
+__all__ = [*_WHERE, "is_polyembedder_dir"]
+
+from vipoly.folder import is_polyembedder_dir  # noqa: E402 - light (no torch)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"vipoly.model.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vipoly.model' has no attribute {name!r}")

@@ -4,10 +4,8 @@ Design choices:
 - The backbone is the bare `Qwen2VLModel` (vision tower + language model, no LM head): an embedder
   needs hidden states, not logits. `Qwen2VLModel.from_pretrained` also reads checkpoints saved from
   `Qwen2VLForConditionalGeneration` (the hub's Qwen2-VL-2B-Instruct) and drops the LM head.
-- The image processor is the PIL one: torchvision is not usable on every machine this runs on
-  (ENV-NOTES), and one code path everywhere means the same pixels everywhere.
-- `Qwen2VLProcessor` insists on a video processor (which needs torchvision); `ImageTextProcessor`
-  is the same processor without one. It is built from its parts, never through `AutoProcessor`.
+- The processor (tokenizer + PIL image processor) is in `vipoly.model.processor`, which does not
+  import the model code.
 - The vision tower's patch embedding is a Conv3d whose kernel equals its stride: a matrix product
   over flattened patches in disguise. cuDNN runs it as a convolution, slowly (tens of times slower
   than the GEMM on some cards and dtypes), so `load_backbone` turns it into that GEMM
@@ -23,15 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, Qwen2VLModel, Qwen2VLProcessor
+from transformers import Qwen2VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
-from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as hf_logging
-
-try:  # transformers ≥ 5.2x names the PIL backend explicitly
-    from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-except ImportError:  # older releases: the default Qwen2VLImageProcessor is the PIL/numpy one
-    from transformers import Qwen2VLImageProcessor as ImageProcessor
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +33,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ImageTextProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` for images and text only: no video processor, so no torchvision."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        # Skip Qwen2VLProcessor.__init__ (it passes a video processor along); the mixin checks the
-        # classes of the two parts this signature names.
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -78,24 +57,6 @@ def quiet_progress():
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
-
-
-def load_processor(source: str | Path) -> ImageTextProcessor:
-    """Tokenizer + PIL image processor of a Qwen2-VL checkpoint (hub id or folder)."""
-    source = str(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = ImageProcessor.from_pretrained(source)
-    except (OSError, ValueError) as e:  # transformers raises either for a missing or foreign folder
-        raise ValueError(f"model.backbone {source!r}: no Qwen2-VL tokenizer/preprocessor found there "
-                         f"({str(e).splitlines()[0]})") from e
-    return ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def save_processor(processor: ImageTextProcessor, out_dir: str | Path) -> None:
-    """Write tokenizer and preprocessor files so that `load_processor(out_dir)` gives them back."""
-    processor.tokenizer.save_pretrained(str(out_dir))
-    processor.image_processor.save_pretrained(str(out_dir))
 
 
 class LinearPatchEmbed(PatchEmbed):
@@ -143,7 +104,7 @@ def load_backbone(source: str | Path, attn_implementation: str = "auto", dtype: 
     return model
 
 
-def add_task_tokens(backbone: Qwen2VLModel, processor: ImageTextProcessor, prefixes: list[str]) -> list[int]:
+def add_task_tokens(backbone: Qwen2VLModel, processor, prefixes: list[str]) -> list[int]:
     """Add task prefixes as single tokens; a new embedding row starts at μ + ε, ε ~ N(0, (σ/10)²),
     with μ, σ the mean and per-coordinate std of the existing rows.
 

@@ -33,7 +33,8 @@ from torch import nn
 from transformers import Qwen2VLModel
 
 from vipoly.config import ModelConfig
-from vipoly.model.backbone import add_task_tokens, load_backbone, load_processor, quiet_progress, save_processor
+from vipoly.model.backbone import add_task_tokens, load_backbone, quiet_progress
+from vipoly.model.processor import load_processor, save_processor
 from vipoly.folder import META_FILE, is_polyembedder_dir, read_meta
 from vipoly.model.inputs import InputBuilder, apply_explicit, decode_image
 from vipoly.model.packing import FLASH_IMPLEMENTATIONS, attention_inputs, pool_packed, unpack, use_varlen

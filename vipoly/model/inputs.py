@@ -104,7 +104,7 @@ def save_inputs(model_cfg: ModelConfig, out_dir: str | Path) -> Path:
     ids); a PolyEmbedder folder's already has them. The data workers (`InputBuilder.from_pretrained`,
     vipoly.data.tokenize) read this, so they tokenise and resize images as the model is configured.
     It holds no weights: `PolyEmbedder.from_pretrained` refuses it."""
-    from vipoly.model.backbone import load_processor, save_processor
+    from vipoly.model.processor import load_processor, save_processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ class InputBuilder:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "InputBuilder":
         """The builder of a saved PolyEmbedder, without loading its weights."""
-        from vipoly.model.backbone import load_processor
+        from vipoly.model.processor import load_processor
 
         return cls(load_processor(model_dir), ModelConfig.model_validate(read_meta(model_dir)["model"]))
 

@@ -39,14 +39,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vipoly.model.pooling import AttentionPooling, LastTokenPooling, MeanPooling, MultiHeadAttentionPooling
 
-try:  # torch ≥ 2.9
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
+# torch.nn.attention.varlen.varlen_attn (torch ≥ 2.9) and its keyword names, bound by
+# `register_varlen_attention`, before any attention call: importing it imports torch._dynamo
+# (≈ 1 CPU-second), which processes that only tokenise or decode images never need; and
+# inspect.signature inside the attention call would make torch.compile break the graph there.
+varlen_attn = None
+_VARLEN_PARAMS: frozenset[str] = frozenset()
 
-# Keyword names that changed across torch releases, read once here: inspect.signature inside the
-# attention call makes torch.compile break the graph there, in every layer.
-_VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+
+def _bind_varlen() -> None:
+    global varlen_attn, _VARLEN_PARAMS
+    try:
+        from torch.nn.attention.varlen import varlen_attn as kernel
+    except ImportError:
+        return
+    varlen_attn, _VARLEN_PARAMS = kernel, frozenset(inspect.signature(kernel).parameters)
+
 _SDPA_PRIORITY = {"set_priority": True} if "set_priority" in inspect.signature(sdpa_kernel).parameters else {}
 
 VARLEN = "vipoly_varlen"
@@ -300,6 +308,7 @@ def register_varlen_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    _bind_varlen()
     for name in (VARLEN, VISION_VARLEN):
         AttentionInterface.register(name, varlen_attention_forward)
         AttentionMaskInterface.register(name, sdpa_mask)

@@ -2,8 +2,8 @@
 vipoly.data.stream) → one padded (or packed) forward batch holding the queries then the positives,
 plus task ids and scores.
 
-`StreamFactory` is what the driver hands to every Ray Train worker (it pickles: the config and
-the run's plan travel); each worker calls it with its rank to open its own lanes of every source.
+Each worker opens its `TrainStream` through the `StreamFactory` the driver hands it
+(vipoly.train.launch).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from vipoly.config import Config, TrainConfig
 from vipoly.data.collate import hard_negatives, load_builder, pad_sides, pair_labels, sides
 from vipoly.data.pretokenized import default_cache, encoded_files
 from vipoly.data.shards import QUARANTINE
-from vipoly.data.stream import PlannedStream, resolve_sources
-from vipoly.model.inputs import inputs_dir, write_inputs  # write_inputs: re-exported
+from vipoly.data.stream import PlannedStream
+from vipoly.model.inputs import inputs_dir
 
-__all__ = ["StreamFactory", "TrainStream", "inputs_dir", "resolve_sources", "write_inputs"]
+__all__ = ["Prefetcher", "TrainStream"]
 
 
 class Prefetcher:
@@ -142,18 +142,3 @@ class TrainStream:
         if self._prefetch is not None:
             self._prefetch.close()  # first: the thread is the only user of the stream
         self.stream.close()
-
-
-class StreamFactory:
-    """What the driver hands to every Ray Train worker: the config and the run's `Plan` (built
-    once from the footers, so every rank has the same step plan); each worker calls it with its
-    rank."""
-
-    def __init__(self, cfg: Config, plan=None):
-        from vipoly.data.stream import build_plan
-
-        self.cfg = cfg.to_dict()
-        self.plan = plan if plan is not None else build_plan(cfg)
-
-    def __call__(self, rank: int, world: int) -> TrainStream:
-        return TrainStream(Config.model_validate(self.cfg), self.plan, rank, world)

@@ -10,12 +10,36 @@ from pathlib import Path
 from vipoly.config import Config, ConfigError, Strategy
 
 
+class StreamFactory:
+    """What the driver hands to every Ray Train worker: the config and the run's `Plan` (built
+    once from the footers, so every rank has the same step plan); each worker calls it with its
+    rank to open its own lanes of every source (`vipoly.train.batches.TrainStream`)."""
+
+    def __init__(self, cfg: Config, plan=None):
+        from vipoly.data.stream import build_plan
+
+        self.cfg = cfg.to_dict()
+        self.plan = plan if plan is not None else build_plan(cfg)
+
+    def __call__(self, rank: int, world: int):
+        from vipoly.train.batches import TrainStream
+
+        return TrainStream(Config.model_validate(self.cfg), self.plan, rank, world)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """A Ray Train worker's entry point (`vipoly.train.loop.train_loop_per_worker`). It and
+    `StreamFactory` live in this light module because Ray Train's controller unpickles them too:
+    from `vipoly.train.loop` they made every run's controller import torch and transformers
+    (≈ 5 CPU-seconds a run; docs/benchmarks.md, "Test suite")."""
+    from vipoly.train.loop import train_loop_per_worker as run
+
+    run(config)
+
+
 def build_trainer(cfg: Config, run_dir: Path, plan=None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchConfig, TorchTrainer  # ray
-
-    from vipoly.train.batches import StreamFactory
-    from vipoly.train.loop import train_loop_per_worker
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
