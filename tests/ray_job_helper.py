@@ -125,6 +125,16 @@ def submit(address: str, entrypoint: str, working_dir: str | Path,
     return done.returncode, text
 
 
+def serve_cli(address: str, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
+    """`serve ARGS... --address ADDRESS` (Ray Serve's CLI, beside `ray`) against the running head."""
+    cmd = [str(Path(RAY).with_name("serve")), *args, "--address", address]
+    return subprocess.run(cmd, env=client_env(), capture_output=True, text=True, timeout=timeout_s)
+
+
+def free_port() -> int:
+    return _free_port()
+
+
 def stop(grace_s: float = 5.0) -> None:
     """Stop the head started here: SIGTERM to its `ray start --block`, then SIGKILL its group.
     (--block's own clean-up took the whole 20 s it was once given here, on every run: the group

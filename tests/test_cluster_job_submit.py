@@ -64,3 +64,49 @@ def test_submit_runs_the_tiny_training_job(head, tmp_path, tiny_model_dir):
     assert "done:" in logs, logs[-3000:]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert (run_dir / "model").is_dir()
+
+
+def readme_serve_config() -> dict:
+    """The Serve config file README.md tells users to `serve deploy` (its heredoc, parsed)."""
+    import yaml
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("cat > serve.yaml <<'YAML'\n") + len("cat > serve.yaml <<'YAML'\n")
+    return yaml.safe_load(text[start:text.index("\nYAML\n", start)])
+
+
+def test_serve_deploy_of_the_readme_config(head, tmp_path, tiny_model, tiny_model_dir):
+    """README's `serve deploy serve.yaml --address …` on the local head, its config as written but
+    for this machine's parts (loopback and a free port, the tiny model, no index, no GPU, one
+    replica): the application answers /health and POST /v1/embeddings with `encode`'s vectors."""
+    import time
+
+    import httpx
+    import numpy as np
+    import yaml
+
+    cfg = readme_serve_config()
+    app = cfg["applications"][0]
+    assert app["import_path"] == "vipoly.serve.app:app_builder" and cfg["http_options"]["host"] == "0.0.0.0"
+    port = rjh.free_port()
+    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+    args = {k: v for k, v in app["args"].items() if k != "index"}
+    app["args"] = {**args, "model": str(tiny_model_dir), "gpus_per_replica": 0, "max_replicas": 1}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    done = rjh.serve_cli(head, "deploy", str(tmp_path / "serve.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        url, deadline, status = f"http://127.0.0.1:{port}", time.monotonic() + 180, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = httpx.get(f"{url}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert status == 200, rjh.serve_cli(head, "status").stdout
+        texts = ["xin chào thế giới", "a cat on a mat"]
+        resp = httpx.post(f"{url}/v1/embeddings", json={"model": "vipoly", "input": texts}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        got = np.asarray([d["embedding"] for d in resp.json()["data"]])
+        np.testing.assert_allclose(got, tiny_model.encode(texts), atol=1e-5)
+    finally:
+        rjh.serve_cli(head, "shutdown", "-y")
