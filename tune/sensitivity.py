@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.oat:
             from tune.config import load_harness
             from tune.runner import start_ray
-            from tune.sweep import run_oat
+            from tune.oat import run_oat
 
             harness, cfg = load_harness(root / "sweep.yaml", section="sweep")
             start_ray(cfg, harness.sweep.max_concurrent, harness.sweep.trial_resources.get("CPU", 0.0))

@@ -18,12 +18,11 @@ Saltelli/Sobol design are one `sweep.searcher` away. run.dir then holds
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from tune import results
-from tune.config import Harness, load_harness
+from tune.config import Harness
 from tune.runner import build_inits, distributions, fixed_points, interrupted, start_ray, open_harness, run_experiment
-from tune.space import grid_points, oat_points, resolve_space, sobol_design
+from tune.space import grid_points, resolve_space, sobol_design
 from tune.trial import Job
 from vipoly.config import Config, ConfigError
 
@@ -76,33 +75,6 @@ def search(harness: Harness, cfg: Config):
     return space_, n, algo, scheduler
 
 
-def job(harness: Harness, cfg: Config, root: Path, experiment: str, inits: dict[int, str],
-        every: int | None) -> Job:
-    return Job(cfg=cfg.to_dict(), root=str(root), experiment=experiment, heldout=harness.heldout.model_dump(mode="json"),
-               eval_every=every, inits=inits)
-
-
-def run_oat(root: Path, n: int) -> list[dict]:
-    """Train one-at-a-time curves around the best complete trial: for each parameter, n values
-    across its range with the others held at the best point (a fifo experiment named `oat`)."""
-    harness, cfg = load_harness(root / "sweep.yaml", section="sweep")
-    rows = results.collect(root, cfg.train.max_steps)
-    top = results.best([r for r in rows if r["experiment"] == "search"])
-    if top is None:
-        raise ValueError(f"{root}: no complete search trial to centre the one-at-a-time curves on")
-    space = resolve_space(harness.sweep.params)
-    points = oat_points(space, top["params"], n, center_id=top["trial_id"])
-    inits = build_inits(cfg, root, [cfg.train.seed])
-    print(f"one-at-a-time: {len(points)} trials around trial {top['trial_id']}", flush=True)
-    grid = run_experiment(job(harness, cfg, root, "oat", inits, None), param_space=fixed_points(points),
-                          max_concurrent=harness.sweep.max_concurrent, resources=harness.sweep.trial_resources)
-    if interrupted(grid):
-        raise RuntimeError(f"one-at-a-time runs interrupted: re-run to resume them ({root / 'oat'})")
-    rows = results.collect(root, cfg.train.max_steps)
-    results.write(root, rows)
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     opened = open_harness("python -m tune.sweep", __doc__, argv, "sweep", check)
     if opened is None:
@@ -117,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(cfg, s.max_concurrent, s.trial_resources.get("CPU", 0.0))
     inits = build_inits(cfg, root, [cfg.train.seed])
     param_space, n, algo, scheduler = search(harness, cfg)
-    grid = run_experiment(job(harness, cfg, root, "search", inits, eval_every(harness, cfg)), param_space=param_space,
+    grid = run_experiment(Job.of(harness, cfg, root, "search", inits, eval_every(harness, cfg)), param_space=param_space,
                    num_samples=n, search_alg=algo, scheduler=scheduler, max_concurrent=s.max_concurrent,
                    resources=s.trial_resources)
     if interrupted(grid):
@@ -133,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best: trial {top['trial_id']} objective {top['metrics']['objective']:.4f} with "
               + ", ".join(f"{k}={v:.4g}" for k, v in top["params"].items()), flush=True)
     if s.oat:
+        from tune.oat import run_oat
+
         run_oat(root, s.oat)
     if s.sensitivity:
         from tune.sensitivity import write_report

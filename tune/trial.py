@@ -46,6 +46,13 @@ class Job:
     inits: dict[int, str] = field(default_factory=dict)
     """{seed: tiny model directory} when model.backbone == "tiny" (built once by the driver)."""
 
+    @classmethod
+    def of(cls, harness, cfg: Config, root: Path, experiment: str, inits: dict[int, str],
+           eval_every: int | None = None) -> "Job":
+        """The job of one experiment of a sweep or ablation harness (`tune.config.Harness`)."""
+        return cls(cfg=cfg.to_dict(), root=str(root), experiment=experiment,
+                   heldout=harness.heldout.model_dump(mode="json"), eval_every=eval_every, inits=inits)
+
 
 def split_point(config: dict) -> tuple[dict[str, Any], Any]:
     """Tune's trial config → (training parameters, design tag). Fixed designs (grid, Sobol, OAT,
