@@ -27,20 +27,15 @@ cluster under `ray job submit --working-dir . -- python -m pipelines.embed ...`.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipelines.cli import run_cli
 from vipoly.embed.inputs import Columns, input_files, read_inputs, resolve_columns
-from vipoly.embed.output import (ERRORS, LANCE, SIDE_DIR, merge_side_files, drop_duplicates, drop_lance_duplicates,
-                                 existing_ids, lance_ids, output_files, write)
-from vipoly.embed.stages import Embedder, Prepare
+from vipoly.embed.output import ERRORS, Output
+from vipoly.embed.stages import embed_stages
 from vipoly.ray_init import init_ray
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,72 +78,40 @@ def run(args: argparse.Namespace) -> dict:
     from vipoly.tasks import check_task
 
     check_task(args.task)
-    model_dir = Path(args.model)
-    meta = read_meta(model_dir, "--model")
+    meta = read_meta(args.model, "--model")
+    model_dir = Path(args.model).resolve()  # the actors' working directory is not this one
     cfg = config_from_args(args)
     overrides = inference_overrides(cfg)
     effective_model_config(model_dir, overrides)  # a bad override fails here, not inside an actor
-    model_name = args.model_name or meta.get("name") or model_dir.resolve().name
     if args.dim is not None and not 1 <= args.dim <= meta["embedding_dim"]:
         raise ValueError(f"--dim {args.dim}: must lie in 1..{meta['embedding_dim']} (the model's embedding size)")
     explicit = {f for f, v in (("--text-col", args.text_col), ("--image-col", args.image_col)) if v is not None}
-    cols = Columns(args.id_col, args.text_col or "text", args.image_col or "image")
-    files = input_files(args.input)
-    per_file = resolve_columns(files, cols, explicit)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    side_dir = out_dir / SIDE_DIR
-    shutil.rmtree(side_dir, ignore_errors=True)  # a killed run's side files describe work redone now
-    lance_out = out_dir / LANCE if args.format == "lance" else None
-    if lance_out is not None:
-        done = lance_ids(lance_out)
-        before_rows = len(done)
-    else:
-        done = existing_ids(out_dir)
-        before = {f.name for f in output_files(out_dir)}
+    per_file = resolve_columns(input_files(args.input), Columns(args.id_col, args.text_col or "text",
+                                                                args.image_col or "image"), explicit)
+    out = Output(args.output, lance=args.format == "lance")
 
     import ray  # --- Ray from here on
 
     # Small inputs give an operator fewer blocks than its concurrency cap; Ray warns about each.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-
     we_start_ray = init_ray(log_to_driver=False, verbose=cfg.run.verbose)
     check_resources(args, ray.cluster_resources(), strict=we_start_ray)
 
-    ds = read_inputs(per_file, done, str(side_dir), cpus=args.prepare_cpus, tasks=args.read_tasks)
-    # Blocks of a few actor calls: a file read as one block would go through every stage whole,
-    # one stage after the other; small blocks let preparing, embedding and writing overlap.
-    ds = ds.repartition(target_num_rows_per_block=8 * args.batch_size)
-    ds = ds.map_batches(
-        Prepare, batch_format="pyarrow", batch_size=args.batch_size, num_cpus=args.prepare_cpus,
-        fn_constructor_args=(str(model_dir.resolve()), overrides, args.task, str(side_dir), lance_out is not None),
-        compute=ray.data.ActorPoolStrategy(size=args.num_preparers))
-    threads = max(1, int(round(args.cpus_per_actor)))
-    ds = ds.map_batches(
-        Embedder, batch_format="pyarrow", batch_size=args.batch_size,
-        fn_constructor_args=(str(model_dir.resolve()), overrides, model_name, args.dim, threads, args.compile),
-        compute=ray.data.ActorPoolStrategy(size=args.num_actors),
-        num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor)
+    ds = read_inputs(per_file, out.done, str(out.side_dir), cpus=args.prepare_cpus, tasks=args.read_tasks)
+    ds = embed_stages(ds, str(model_dir), overrides, task=args.task, side_dir=str(out.side_dir),
+                      keep_source=out.lance is not None,
+                      model_name=args.model_name or meta.get("name") or model_dir.name, dim=args.dim,
+                      batch_size=args.batch_size, preparers=args.num_preparers, prepare_cpus=args.prepare_cpus,
+                      actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
+                      gpus_per_actor=args.num_gpus_per_actor, compile=args.compile)
     t0 = time.perf_counter()
-    write(ds, out_dir, lance_out, cpus=args.prepare_cpus, tasks=args.read_tasks)
+    out.write(ds, cpus=args.prepare_cpus, tasks=args.read_tasks)
     seconds = time.perf_counter() - t0
-
-    stats = merge_side_files(side_dir)
-    if lance_out is not None:
-        dups = drop_lance_duplicates(lance_out) if (lance_out / "_versions").is_dir() else []
-        embedded = len(lance_ids(lance_out)) - before_rows
-    else:
-        new_files = [f for f in output_files(out_dir) if f.name not in before]
-        dups = drop_duplicates(new_files)
-        embedded = sum(pq.read_metadata(f).num_rows for f in new_files)
-    errors = stats["bad"] + [{"id": i, "file": None, "reason": "duplicate id in the input (embedded once)"} for i in dups]
-    with open(out_dir / ERRORS, "w", encoding="utf-8") as f:
-        for e in errors:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    embedded, stats, errors = out.close()
     summary = {"rows_in": stats["rows_in"], "skipped": stats["skipped"], "embedded": embedded, "errors": len(errors),
-               "seconds": seconds, "rows_per_s": embedded / seconds if seconds > 0 else 0.0, "output": str(out_dir)}
+               "seconds": seconds, "rows_per_s": embedded / seconds if seconds > 0 else 0.0, "output": str(out.dir)}
     print(f"[embed] {embedded} rows embedded in {seconds:.1f}s ({summary['rows_per_s']:.1f} rows/s); "
-          f"{stats['skipped']} already done, {len(errors)} bad → {out_dir / ERRORS}")
+          f"{stats['skipped']} already done, {len(errors)} bad → {out.dir / ERRORS}")
     return summary
 
 

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vipoly.embed.output import LANCE
+
 
 def _ntrex_vi(eval_data) -> list[str]:
     lines = (eval_data / "ntrex128" / "newstest2019-ref.vie.txt").read_text(encoding="utf-8").split("\n")
@@ -39,7 +41,7 @@ def test_embed_lance_then_index_then_search(ray_session, tiny_model_dir, tiny_mo
     summary = embed.run(embed.build_parser().parse_args(args))
     assert summary["embedded"] == 30 and summary["errors"] == 1  # the second v3
 
-    table = lance.dataset(str(out / embed.LANCE)).to_table()
+    table = lance.dataset(str(out / LANCE)).to_table()
     assert table.column_names == ["id", "vector", "text", "image", "model", "dim"]
     assert table.schema.field("vector").type == pa.list_(pa.float32(), tiny_model.embedding_dim)
     got = dict(zip(table.column("id").to_pylist(), table.to_pylist()))
@@ -52,7 +54,7 @@ def test_embed_lance_then_index_then_search(ray_session, tiny_model_dir, tiny_mo
     assert got["v0"]["image"].endswith("in.parquet#id=v0") and got["v1"]["image"] is None
 
     again = embed.run(embed.build_parser().parse_args(args))  # resumable: nothing left to embed
-    assert again["embedded"] == 0 and lance.dataset(str(out / embed.LANCE)).count_rows() == 30
+    assert again["embedded"] == 0 and lance.dataset(str(out / LANCE)).count_rows() == 30
 
     db = tmp_path / "db"
     assert index.main(["--embeddings", str(out), "--out", str(db)]) == 0

@@ -1,5 +1,6 @@
 """The embedding job's output folder: what is already embedded (a resumed run skips it), the side
-files merged at the end, and the duplicates a killed run can leave."""
+files merged at the end, and the duplicates a killed run can leave. `Output` is the driver's view
+of one run of the job on the folder."""
 from __future__ import annotations
 
 import json
@@ -129,3 +130,42 @@ def write(ds, out_dir: Path, lance_out: Path | None, cpus: float, tasks: int) ->
                        ray_remote_args=remote_args)
     else:  # Ray 2.60's Lance sink and released pylance disagree: see vipoly/search/lance_sink.py
         ds.write_datasink(LanceSink(str(lance_out), append), concurrency=tasks, ray_remote_args=remote_args)
+
+
+class Output:
+    """One run of the job on OUTPUT (Parquet parts, or the Lance dataset with `lance`): opened before
+    the pipeline (`done`: the ids a resumed run skips), closed after it (`close`: duplicates dropped,
+    the side files merged into OUTPUT/_errors.jsonl)."""
+
+    def __init__(self, out_dir: str | Path, lance: bool = False):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.side_dir = self.dir / SIDE_DIR
+        shutil.rmtree(self.side_dir, ignore_errors=True)  # a killed run's side files describe work redone now
+        self.lance = self.dir / LANCE if lance else None
+        if self.lance is not None:
+            self.done = lance_ids(self.lance)
+            self._before_rows = len(self.done)
+        else:
+            self.done = existing_ids(self.dir)
+            self._before = {f.name for f in output_files(self.dir)}
+
+    def write(self, ds, cpus: float, tasks: int) -> None:
+        write(ds, self.dir, self.lance, cpus=cpus, tasks=tasks)
+
+    def close(self) -> tuple[int, dict, list[dict]]:
+        """(rows embedded by this run, the side files' counts, the errors written to ERRORS)."""
+        stats = merge_side_files(self.side_dir)
+        if self.lance is not None:
+            dups = drop_lance_duplicates(self.lance) if (self.lance / "_versions").is_dir() else []
+            embedded = len(lance_ids(self.lance)) - self._before_rows
+        else:
+            new_files = [f for f in output_files(self.dir) if f.name not in self._before]
+            dups = drop_duplicates(new_files)
+            embedded = sum(pq.read_metadata(f).num_rows for f in new_files)
+        errors = stats["bad"] + [{"id": i, "file": None, "reason": "duplicate id in the input (embedded once)"}
+                                 for i in dups]
+        with open(self.dir / ERRORS, "w", encoding="utf-8") as f:
+            for e in errors:
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        return embedded, stats, errors

@@ -126,3 +126,23 @@ class Embedder:
             return pa.table({"id": batch.column("id"), "vector": vectors, "text": batch.column("text"),
                              "image": batch.column("image_ref"), **meta})
         return pa.table({"id": batch.column("id"), "embedding": vectors, **meta})
+
+
+def embed_stages(ds, model_dir: str, overrides: dict, *, task: str | None, side_dir: str, keep_source: bool,
+                 model_name: str, dim: int | None, batch_size: int, preparers: int, prepare_cpus: float,
+                 actors: int, cpus_per_actor: float, gpus_per_actor: float, compile: bool = False):
+    """The job's model stages after the input's normalize stage: `Prepare` then `Embedder`, each an
+    actor pool, over blocks of a few actor calls (a file read as one block would go through every
+    stage whole, one stage after the other; small blocks let preparing, embedding and writing overlap)."""
+    import ray  # ray
+
+    ds = ds.repartition(target_num_rows_per_block=8 * batch_size)
+    ds = ds.map_batches(
+        Prepare, batch_format="pyarrow", batch_size=batch_size, num_cpus=prepare_cpus,
+        fn_constructor_args=(model_dir, overrides, task, side_dir, keep_source),
+        compute=ray.data.ActorPoolStrategy(size=preparers))
+    threads = max(1, int(round(cpus_per_actor)))
+    return ds.map_batches(
+        Embedder, batch_format="pyarrow", batch_size=batch_size,
+        fn_constructor_args=(model_dir, overrides, model_name, dim, threads, compile),
+        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
