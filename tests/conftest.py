@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HEALTH_CHECK_S = "1"
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# As `vipoly.ray_init` does for a local instance: no preemption watcher actor (a process a fit, for
+# a drain notice one machine never gets).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +80,8 @@ def ray_session(tmp_path_factory):
 
     tmp = Path("/tmp") / f"vipoly-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(tmp), log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_S}})
+             configure_logging=False, runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_S,
+                                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

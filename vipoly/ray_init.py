@@ -44,5 +44,6 @@ def quiet_ray_data(verbose: bool = False) -> None:
     import ray.data  # noqa: F401  (configures the `ray.data` logger and its handlers)
 
     for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+        # The console one writes to a stream; the session log's handler is a plain Handler.
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.INFO if verbose else logging.WARNING)
