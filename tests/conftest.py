@@ -26,9 +26,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 @pytest.fixture(scope="session")
 def eval_data() -> Path:
-    """../shared/data/eval, or a skip that says where it was looked for."""
+    """../shared/data/eval; a test that needs it fails (it is not skipped) saying where it looked."""
     if not EVAL_DATA.is_dir():
-        pytest.skip(f"real eval data not found at {EVAL_DATA} (set VIPOLY_EVAL_DATA)")
+        pytest.fail(f"real eval data not found at {EVAL_DATA} (set VIPOLY_EVAL_DATA)")
     return EVAL_DATA
 
 

@@ -21,8 +21,9 @@ PROBE = ("import os, pipelines, vipoly; "
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    # A failure, not a skip (as the multinode fixture): the suite would pass without these checks.
     if importlib.util.find_spec("aiohttp") is None:
-        pytest.skip("ray[default] (the job server) is not installed")
+        pytest.fail("ray[default] (the job server) is not installed: run `make setup`")
     # Ray gives the head's raylet a fixed 30 s to register; on a loaded machine one more try.
     for attempt in range(2):
         try:
@@ -30,7 +31,7 @@ def head(tmp_path_factory):
             break
         except rjh.RayStartError as e:
             if attempt:
-                pytest.skip(f"`ray start --head` cannot run here: {e}")
+                pytest.fail(f"`ray start --head` cannot run here: {e}")
     yield address
     rjh.stop()
 

@@ -70,7 +70,7 @@ def test_vietnamese_and_chinese_render_as_glyphs():
     vi = np.asarray(syn.render_text("Tiếng Việt có dấu: ắ ằ ẳ ẵ ặ", "vi", fonts).convert("L"))
     assert (vi < 128).sum() > 100  # ink on the page
     if fonts.cjk_path is None:
-        pytest.skip("no CJK font installed (make setup installs fonts-noto-cjk)")
+        pytest.fail("no CJK font installed: run `make setup` (it installs fonts-noto-cjk)")
     # distinct characters give distinct bitmaps (a missing glyph renders as the same empty box)
     a = np.asarray(syn.render_text("老师", "zh", fonts).convert("L"))
     b = np.asarray(syn.render_text("医生", "zh", fonts).convert("L"))

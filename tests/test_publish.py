@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("huggingface_hub")
 
 from pipelines import publish  # noqa: E402
 from vipoly.model.card import CARD_FILE, write_card  # noqa: E402

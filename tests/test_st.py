@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-st = pytest.importorskip("sentence_transformers")
+import sentence_transformers as st  # [eval] extra, installed by make setup
 
 from vipoly.st import MODULE_TYPE, MODULES_FILE, ST_CONFIG_FILE, default_task, load, read_st_config, write_st_files  # noqa: E402
 from vipoly.tasks import TASKS, prefix  # noqa: E402

@@ -50,7 +50,6 @@ def write_trials(root: Path, X, y, designs=None, status="complete"):
 
 
 def test_fanova_and_ped_anova_put_the_dominant_parameter_first():
-    pytest.importorskip("sklearn", reason="fANOVA needs scikit-learn")
     X, y = random_trials()
     fa = imp.fanova(X, y, SPACE)
     assert list(fa)[0] == "stw.alpha.instr"
