@@ -242,7 +242,7 @@ def _query(tbl, vector: np.ndarray, k: int, plan: IndexPlan, exact: bool = False
             q = q.refine_factor(plan.refine_factor)
         if plan.ef:
             q = q.ef(plan.ef)
-    return q.select(["id", "text", "image"]).to_arrow()
+    return q.select(["id", "text", "image", "_distance"]).to_arrow()  # _distance named: lance warns otherwise
 
 
 def search(tbl, plan: IndexPlan, vectors: np.ndarray, k: int = 10, exact: bool = False) -> list[list[dict]]:
