@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start_ray(cfg, a.max_concurrent, a.trial_resources.get("CPU", 0.0))
     inits = build_inits(cfg, root, a.seeds)
-    grid = run_experiment(Job.of(harness, cfg, root, "ablate", inits), param_space=fixed_points(points), max_concurrent=a.max_concurrent,
-                          resources=a.trial_resources)
+    grid = run_experiment(Job.of(harness, cfg, root, "ablate", inits), param_space=fixed_points(points),
+                          max_concurrent=a.max_concurrent, resources=a.trial_resources)
     if interrupted(grid):
         print(f"ablation interrupted: re-run the same command to resume it ({root / 'ablate'})", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
 """The embedding model: Qwen2-VL backbone → pooling → projection → L2 (see embedder.py).
 
 Names are imported on first use: `import vipoly.model.inputs` (every Ray task that decodes images
-for training) then does not import the transformers model code, which the embedder needs
-(≈ 3.5 CPU-seconds a process on this repo's CI machine; docs/benchmarks.md, "Test suite")."""
+for training) then does not import the embedder's transformers model code. transformers' own
+processor imports pull in much of it anyway: a decoding task's first batch went from 4.85 to 4.59
+CPU-seconds (docs/benchmarks.md, "What a fresh Ray process pays before it works")."""
 from __future__ import annotations
 
 import importlib

@@ -31,7 +31,7 @@ def train_loop_per_worker(config: dict) -> None:
     """A Ray Train worker's entry point (`vipoly.train.loop.train_loop_per_worker`). It and
     `StreamFactory` live in this light module because Ray Train's controller unpickles them too:
     from `vipoly.train.loop` they made every run's controller import torch and transformers
-    (≈ 5 CPU-seconds a run; docs/benchmarks.md, "Test suite")."""
+    (4.95 CPU-seconds against 0.19 here; docs/benchmarks.md, "What a fresh Ray process pays")."""
     from vipoly.train.loop import train_loop_per_worker as run
 
     run(config)
