@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from vipoly.config import DataConfig
+    from vipoly.data.config import DataConfig
     from vipoly.data.collate import PairCollate
     from vipoly.data.mix import RatioScheduler, measure_ratio
     from vipoly.data.shards import task_sources

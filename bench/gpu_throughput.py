@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import transformers  # noqa: E402
 from transformers import Qwen2VLConfig, Qwen2VLModel  # noqa: E402
 
-from vipoly.config import ModelConfig, PoolingConfig, ProjectionConfig  # noqa: E402
+from vipoly.model.config import ModelConfig, PoolingConfig, ProjectionConfig  # noqa: E402
 from vipoly.losses import infonce  # noqa: E402
 from vipoly.model.backbone import patch_embed_as_linear  # noqa: E402
 from vipoly.model.processor import ImageProcessor, ImageTextProcessor  # noqa: E402

@@ -8,7 +8,7 @@ Each path runs in a process of its own, so that its peak is its own: the peak re
 (ru_maxrss; on a GPU also torch.cuda.max_memory_allocated, which is the number that decides the
 batch a card can hold). On CPU with the tiny model the activations are small beside the libraries
 that every process loads; the GPU run with Qwen2-VL-2B (`--set model.backbone=DIR --set
-train.use_gpu=true`) is where the largest batch each path fits is found.
+train.resources.use_gpu=true`) is where the largest batch each path fits is found.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def child(args: argparse.Namespace) -> None:
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
         f"data.root={args.data}", f"run.dir={run}", f"model.backbone={args.init}", "train.num_workers=1",
         f"train.batch_size={args.batch}", "train.grad_accum=1", f"train.max_steps={args.steps}",
-        "train.log_every=1", "run.wandb=disabled", f"train.checkpoint_every={args.steps}",
-        "train.strategic_checkpoints=[]", f"train.gradcache_chunk={args.chunk}", *args.set])
+        "train.log_every=1", "run.wandb=disabled", f"train.checkpoint.every={args.steps}",
+        "train.checkpoint.strategic=[]", f"train.gradcache_chunk={args.chunk}", *args.set])
     cfg.model = effective_model_config(cfg.model)
     run.mkdir(parents=True)
     write_inputs(cfg)

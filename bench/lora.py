@@ -5,7 +5,7 @@ median step time after warm-up, with the ratios LoRA / full.
     .venv/bin/python bench/lora.py [--r 16] [--steps 30] [--warmup 10] [--set model.backbone=DIR ...]
 
 Without `model.backbone` it trains the tiny random Qwen2-VL (`vipoly.model.tiny`) on CPU; with a
-Qwen2-VL-2B folder and a GPU (`--set train.use_gpu=true`) the same comparison at the real size.
+Qwen2-VL-2B folder and a GPU (`--set train.resources.use_gpu=true`) the same comparison at the real size.
 Optimizer state = the bytes of AdamW's tensors after one step of `build_optimizer` on the model
 as that run builds it (exp_avg and exp_avg_sq of every trainable tensor).
 """
@@ -67,7 +67,7 @@ def main() -> None:
         cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
             f"data.root={tmp / 'data'}", f"run.dir={run}", f"model.backbone={tmp / 'init'}", "train.num_workers=1",
             f"train.max_steps={args.steps}", "train.log_every=1", "run.wandb=disabled",
-            f"train.checkpoint_every={args.steps}", "train.strategic_checkpoints=[]", *args.set, *extra])
+            f"train.checkpoint.every={args.steps}", "train.checkpoint.strategic=[]", *args.set, *extra])
         cfg.model = effective_model_config(cfg.model)
         run.mkdir()
         write_inputs(cfg)  # as pipelines.train does before training

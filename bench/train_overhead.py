@@ -55,7 +55,7 @@ def main() -> None:
         return load_config(REPO / "configs" / "tiny-cpu.yaml", [
             f"data.root={tmp / 'data'}", f"run.dir={tmp / name}", f"model.backbone={tmp / 'init'}",
             "train.num_workers=1", f"train.max_steps={args.steps}", "train.log_every=1", "run.wandb=disabled",
-            f"train.checkpoint_every={args.steps}", "train.strategic_checkpoints=[]", *args.set])
+            f"train.checkpoint.every={args.steps}", "train.checkpoint.strategic=[]", *args.set])
 
     results = {}
     for name in ("plain", "ray_train"):

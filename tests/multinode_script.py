@@ -97,10 +97,10 @@ def run_jobs(mode: str, out: Path, data_root: str, model_dir: str) -> dict:
     rc = train.main(["--config", str(REPO / "configs" / "tiny-cpu.yaml"),
                      "--set", f"data.root={data_root}", "--set", f"run.dir={run_dir}",
                      "--set", f"model.backbone={model_dir}", "--set", "run.wandb=disabled",
-                     "--set", "train.max_steps=4", "--set", "train.checkpoint_every=4",
-                     "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=1",
+                     "--set", "train.max_steps=4", "--set", "train.checkpoint.every=4",
+                     "--set", "train.num_workers=2", "--set", "train.resources.cpus_per_worker=1",
                      # one worker per node where there are nodes; one node cannot spread
-                     "--set", f"train.placement_strategy={'STRICT_SPREAD' if mode == 'multi' else 'PACK'}"])
+                     "--set", f"train.resources.placement_strategy={'STRICT_SPREAD' if mode == 'multi' else 'PACK'}"])
     if rc != 0:
         raise SystemExit(f"training exited with {rc}")
     workers = train_worker_nodes()

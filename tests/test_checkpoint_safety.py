@@ -34,7 +34,7 @@ def is_pickle(path: Path) -> bool:
 
 
 def config(model_dir: Path) -> Config:
-    return Config.model_validate({"model": {"backbone": str(model_dir)}, "train": {"grad_accum": 1, "warmup_steps": 2}})
+    return Config.model_validate({"model": {"backbone": str(model_dir)}, "train": {"grad_accum": 1, "optimizer": {"warmup_steps": 2}}})
 
 
 def draws() -> tuple:

@@ -101,9 +101,9 @@ def test_reference_training_fits_one_gpu_node_and_runs_on_shared_storage(cluster
     cfg = load_config(REPO / "configs" / "qwen2vl-2b.yaml")
     t = cfg.train
     gpu_node = cluster["available_node_types"]["gpu_h100x8"]
-    assert t.use_gpu
-    assert t.num_workers * t.gpus_per_worker <= gpu_node["resources"]["GPU"]  # one NVLink domain
-    assert t.num_workers * t.cpus_per_worker < gpu_node["resources"]["CPU"]  # CPUs left for Ray Data
+    assert t.resources.use_gpu
+    assert t.num_workers * t.resources.gpus_per_worker <= gpu_node["resources"]["GPU"]  # one NVLink domain
+    assert t.num_workers * t.resources.cpus_per_worker < gpu_node["resources"]["CPU"]  # CPUs left for Ray Data
     assert gpu_node["max_workers"] * gpu_node["resources"]["GPU"] >= 64  # docs/scale.md's largest case
     assert f"{SHARED} " in "\n".join(cluster["setup_commands"])  # the EFS mount
     assert cfg.run.dir.startswith(SHARED + "/") and cfg.data.root.startswith(SHARED + "/")
@@ -194,11 +194,11 @@ def test_rayjob_train_has_the_gpus_and_cpus_its_config_asks_for():
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     t = load_config(config, overrides).train
     gpu_groups = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if _gpus(g)]
-    assert sum(_gpus(g) * g["replicas"] for g in gpu_groups) == t.num_workers * t.gpus_per_worker
+    assert sum(_gpus(g) * g["replicas"] for g in gpu_groups) == t.num_workers * t.resources.gpus_per_worker
     for g in gpu_groups:
-        workers_per_pod = _gpus(g) / t.gpus_per_worker
+        workers_per_pod = _gpus(g) / t.resources.gpus_per_worker
         assert workers_per_pod == int(workers_per_pod)
-        assert _cpus(g) > workers_per_pod * t.cpus_per_worker
+        assert _cpus(g) > workers_per_pod * t.resources.cpus_per_worker
     assert load_config(config, overrides).run.dir.startswith(SHARED + "/")
 
 

@@ -57,8 +57,8 @@ def test_submit_runs_the_tiny_training_job(head, tmp_path, tiny_model_dir):
     # was started with this venv's bin/ first on PATH, so this checks the job ran with the venv.
     entrypoint = ("python -m pipelines.train --config configs/tiny-cpu.yaml "
                   f"--set data.root={data} --set run.dir={run_dir} --set model.backbone={tiny_model_dir} "
-                  "--set train.max_steps=3 --set train.checkpoint_every=3 --set run.wandb=disabled "
-                  "--set train.num_workers=1 --set train.cpus_per_worker=0.5")
+                  "--set train.max_steps=3 --set train.checkpoint.every=3 --set run.wandb=disabled "
+                  "--set train.num_workers=1 --set train.resources.cpus_per_worker=0.5")
     rc, logs = rjh.submit(head, entrypoint, working_dir=REPO,
                           runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}}, timeout_s=420)
     assert rc == 0, logs[-3000:]

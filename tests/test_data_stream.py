@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vipoly.config import DataConfig
+from vipoly.data.config import DataConfig
 from vipoly.data import synthetic
 from vipoly.data.collate import RayPairCollateFn, collate_pairs, load_builder
 from vipoly.data.tokenize import SIDES, tokenize_table

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vipoly.config import LossConfig, LossKind, TripletNegatives
+from vipoly.losses.config import LossConfig, LossKind, TripletNegatives
 from vipoly.losses import (DLEStats, GlobalBatch, cosine, dle_loss, infonce, margin_rank, matryoshka_dle_loss,
                            score_mse, triplet)
 from vipoly.tasks import TASKS

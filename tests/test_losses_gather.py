@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vipoly.config import LossConfig
+from vipoly.losses.config import LossConfig
 from vipoly.losses import dle_loss, global_dle_loss, matryoshka_dle_loss, reduce_stats
 from vipoly.losses import gather as gather_mod
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vipoly.config import ModelConfig, PoolingConfig, PoolingKind, ProjectionConfig
+from vipoly.model.config import ModelConfig, PoolingConfig, PoolingKind, ProjectionConfig
 from vipoly.model import (AttentionPooling, InputBuilder, LastTokenPooling, MeanPooling, MultiHeadAttentionPooling,
                           PolyEmbedder, ProjectionHead, build_pooling, component_of, decode_image, matryoshka)
 from vipoly.tasks import TASKS

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vipoly.config import ModelConfig, PoolingConfig, PoolingKind
+from vipoly.model.config import ModelConfig, PoolingConfig, PoolingKind
 from vipoly.losses import dle_loss
 from vipoly.model import PolyEmbedder, build_pooling
 from vipoly.model import packing
@@ -220,7 +220,7 @@ def test_compiled_layers_give_the_same_embeddings_and_names(tiny_model_dir, tiny
 def test_compiled_layers_hold_lora_adapters(tiny_model_dir):
     """train.compile with model.lora (the reference run's config plus adapters): the compiled layers
     run the adapters (B made non-zero, as after training) and back-propagate into them only."""
-    from vipoly.config import LoraConfig
+    from vipoly.model.config import LoraConfig
 
     torch.manual_seed(0)
     model = PolyEmbedder.from_pretrained(tiny_model_dir, ModelConfig(attn_implementation=VARLEN))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines import prepare as cli
-from vipoly.config import DataConfig
+from vipoly.data.config import DataConfig
 from vipoly.data.converters import ConvertOptions
 from vipoly.data.prepare import prepare
 

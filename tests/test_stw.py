@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from vipoly.config import STWConfig, STWMode
+from vipoly.stw.config import STWConfig, STWMode
 from vipoly.losses import dle_loss
 from vipoly.stw import RULES, TaskWeighter
 from vipoly.tasks import TASKS
@@ -156,7 +156,7 @@ def test_due_every_k_steps():
 def test_first_dynamic_update_uses_only_the_steps_since_updates_became_active():
     """The loop's sequence (vipoly.train.loop): observe only while dynamic updates are active, update
     when a window of K steps ends. Exploration-phase losses must not leak into the first update."""
-    from vipoly.config import TrainConfig
+    from vipoly.train.config import TrainConfig
     from vipoly.train.phases import dynamic_stw_active
 
     tcfg = TrainConfig(phases=(4, 100), dynamic_from_phase="stabilization")

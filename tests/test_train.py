@@ -34,7 +34,7 @@ def train(run_dir: Path, data_root: Path, init_model: Path, *sets: str, wandb: s
     resumed runs, which check its records; elsewhere it is off (its start-up costs ≈5 CPU-seconds)."""
     args = ["--config", TINY, "--set", f"data.root={data_root}", "--set", f"run.dir={run_dir}",
             "--set", f"model.backbone={init_model}", "--set", f"run.wandb={wandb}",
-            "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--set", "train.log_every=1"]
+            "--set", "train.max_steps=6", "--set", "train.checkpoint.every=3", "--set", "train.log_every=1"]
     for s in sets:
         args += ["--set", s]
     return train_pipeline.main(args)
@@ -127,7 +127,7 @@ def test_resume_gives_the_same_run(tmp_path, ray_session, straight, paused, data
 def test_killed_worker_is_replaced(tmp_path, ray_session, straight, data_root, init_model):
     run = tmp_path / "faulty"
     assert train(run, data_root, init_model, "debug.fail_at_step=4", "debug.fail_rank=1",
-                 "train.max_failures=1") == 0
+                 "train.checkpoint.max_failures=1") == 0
     assert (run / ".fault-injected-4").exists()
     rows = steps(run)
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -185,12 +185,12 @@ def test_deepspeed_trains_and_resumes(tmp_path, ray_session, straight, data_root
         # 10: ZeRO reduces at every backward and ZeRO-3 replays the first step's module order, and
         # a micro-batch (or GradCache chunk) with no image on one worker once left the workers out
         # of step (a crash, then wrong sums: PolyEmbedder._blank_image and _input_embeds).
-        sets += ("train.max_steps=4", "train.checkpoint_every=2", f"train.grad_accum={5 if lora else 2}",
+        sets += ("train.max_steps=4", "train.checkpoint.every=2", f"train.grad_accum={5 if lora else 2}",
                  "train.global_batch_size=20")
     pause = 2 if accumulate else 3
     assert train(run, data_root, init_model, *sets, f"train.stop_after={pause}") == 0
     # ZeRO-2 resumes into a non-finite loss at step 3, checkpointing every step around it.
-    resumed = ("debug.nan_at_steps=[3]", "train.checkpoint_every=1") if strategy == "deepspeed_zero2" else ()
+    resumed = ("debug.nan_at_steps=[3]", "train.checkpoint.every=1") if strategy == "deepspeed_zero2" else ()
     assert train(run, data_root, init_model, *sets, *resumed) == 0
     assert f"resumed from step {pause}" in capfd.readouterr().out
     rows = steps(run)
@@ -255,7 +255,7 @@ def test_packed_sequences_train(tmp_path, ray_session, data_root, init_model):
     backward takes minutes on 2 cores; test_packing checks compiled layers.)"""
     run = tmp_path / "packed"
     assert train(run, data_root, init_model, "train.num_workers=1", "train.packed_sequences=true",
-                 "model.attn_implementation=vipoly_varlen", "train.max_steps=2", "train.checkpoint_every=2",
+                 "model.attn_implementation=vipoly_varlen", "train.max_steps=2", "train.checkpoint.every=2",
                  "data.negatives=1") == 0  # hard negatives packed with the sides
     rows = steps(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
@@ -284,7 +284,7 @@ def test_frozen_parts_do_not_move(tmp_path, ray_session, data_root, init_model):
 
     run = tmp_path / "frozen"
     assert train(run, data_root, init_model, "model.freeze=[vision, embeddings]", "train.max_steps=2",
-                 "train.checkpoint_every=2") == 0
+                 "train.checkpoint.every=2") == 0
     before, after = PolyEmbedder.from_pretrained(init_model), PolyEmbedder.from_pretrained(run / "model")
     embeddings = before.backbone.get_input_embeddings().weight
     frozen = {n for n, p in before.named_parameters() if component_of(n) == "vision" or p is embeddings}
@@ -315,7 +315,7 @@ def test_lora_trains_resumes_exactly_and_exports_merged(tmp_path, ray_session, d
     from vipoly.model import PolyEmbedder
 
     sets = ("model.lora.r=4", "train.num_workers=1", "train.global_batch_size=20", "train.max_steps=4",
-            "train.checkpoint_every=2")
+            "train.checkpoint.every=2")
     straight, split = tmp_path / "lora", tmp_path / "lora_split"
     assert train(straight, data_root, init_model, *sets) == 0
     assert train(split, data_root, init_model, *sets, "train.stop_after=2") == 0
@@ -351,7 +351,7 @@ def test_hard_negatives_are_gathered_candidates(tmp_path, ray_session, straight,
     """data.negatives=2 on 2 workers: each step's queries are scored against the 20 positives and
     every worker's hard negatives (the synthetic image tasks carry one each), and the run trains."""
     run = tmp_path / "negatives"
-    assert train(run, data_root, init_model, "data.negatives=2", "train.max_steps=2", "train.checkpoint_every=2") == 0
+    assert train(run, data_root, init_model, "data.negatives=2", "train.max_steps=2", "train.checkpoint.every=2") == 0
     rows, plain = steps(run), steps(straight)
     seen = rows[-1]
     image_rows = sum(seen[f"samples_seen/{t}"] for t in ("ocr", "vqa_single", "vqa_multi"))  # one negative each
@@ -363,11 +363,11 @@ def test_hard_negatives_are_gathered_candidates(tmp_path, ray_session, straight,
 def test_unplaceable_workers_are_named_before_the_wait(ray_session, capsys):
     from vipoly.config import load_config
 
-    one_node = load_config(TINY, ["train.num_workers=2", "train.placement_strategy=STRICT_SPREAD"])
+    one_node = load_config(TINY, ["train.num_workers=2", "train.resources.placement_strategy=STRICT_SPREAD"])
     warn_unplaceable(one_node)
     err = capsys.readouterr().err
-    assert "train.placement_strategy=STRICT_SPREAD needs 2 nodes" in err and "1 node(s)" in err
-    warn_unplaceable(load_config(TINY, ["train.num_workers=2", "train.placement_strategy=PACK"]))
+    assert "train.resources.placement_strategy=STRICT_SPREAD needs 2 nodes" in err and "1 node(s)" in err
+    warn_unplaceable(load_config(TINY, ["train.num_workers=2", "train.resources.placement_strategy=PACK"]))
     assert capsys.readouterr().err == ""
 
 
@@ -415,7 +415,7 @@ def test_epochs_with_hash_ids_as_a_user_types_them(tmp_path, ray_session, init_m
     args = ["--config", "configs/tiny-cpu.yaml", "--set", "data.root=runs/hashed/data", "--set", "run.dir=runs/hashed",
             "--set", f"model.backbone={init_model}", "--set", "train.max_steps=-1", "--set", "train.steps_per_epoch=null",
             "--set", "train.epochs=2", "--set", "train.batch_size=8", "--set", "run.wandb=disabled",
-            "--set", "train.checkpoint_every=100", "--set", "train.strategic_checkpoints=[]"]
+            "--set", "train.checkpoint.every=100", "--set", "train.checkpoint.strategic=[]"]
     assert train_pipeline.main(args) == 0
     rows = read_metrics(tmp_path / "runs/hashed/metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))  # floor(100 rows / G = 16) = 6 steps × 2 epochs

@@ -33,16 +33,16 @@ def test_default_space_holds_spec_ranges():
 
 
 def test_resolve_space_subsets_patterns_and_errors():
-    space = resolve_space({"stw.alpha.*": None, "loss.temperature": [0.1, 0.2], "train.lr": {"low": 1e-5, "high": 1e-3, "log": True}})
+    space = resolve_space({"stw.alpha.*": None, "loss.temperature": [0.1, 0.2], "train.optimizer.lr": {"low": 1e-5, "high": 1e-3, "log": True}})
     assert [n for n in space if n.startswith("stw.alpha.")] == sorted(f"stw.alpha.{t}" for t in
                                                                       ("text_pair", "instr", "ocr", "vqa_single", "vqa_multi"))
     assert space["loss.temperature"] == Range(0.1, 0.2, log=True)  # keeps the known parameter's log scale
-    assert space["train.lr"].log
+    assert space["train.optimizer.lr"].log
     assert resolve_space({}) == DEFAULT_SPACE
     with pytest.raises(ValueError, match="stw.alpha.nope"):
         resolve_space({"stw.alpha.nope": [0, 1]})
     with pytest.raises(ValueError, match="no default range"):
-        resolve_space({"train.lr": None})
+        resolve_space({"train.optimizer.lr": None})
     with pytest.raises(ValueError, match="loss.temperature"):
         resolve_space({"loss.temperature": [0.3, 0.1]})
     with pytest.raises(ValueError, match="not numeric"):

@@ -23,13 +23,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vipoly.config import (Config, ConfigError, Strict, absolute_path, flatten, load_config, parse_override,
-                           read_yaml)
+from vipoly.config import Config, ConfigError, absolute_path, flatten, load_config, parse_override, read_yaml
+from vipoly.section import Section
 
 HARNESS_KEYS = ("base", "heldout", "synthetic", "sweep", "ablate")
 
 
-class HeldoutConfig(Strict):
+class HeldoutConfig(Section):
     data: str | None = None
     """Canonical shards (DIR/<task>/part-*.parquet, or `canonical:DIR`) never trained on."""
     metric: str = "MRR@10"
@@ -39,6 +39,7 @@ class HeldoutConfig(Strict):
     limit: int | None = Field(None, ge=1)
     """Queries per task (drawn with a fixed seed); None = all rows."""
     batch_size: int = Field(32, ge=1)
+    """Rows embedded at a time by the evaluation."""
     resources: dict[str, float] | None = None
     """Run the evaluation as a Ray task with these resources (e.g. {GPU: 1} on a cluster);
     None = inside the trial's own process (CPU)."""
@@ -59,22 +60,24 @@ class HeldoutConfig(Strict):
         return self.data.removeprefix("canonical:")
 
 
-class SyntheticConfig(Strict):
+class SyntheticConfig(Section):
     """Generate synthetic data into `data.root` and `heldout.data` where they do not exist yet."""
 
     n: int = Field(200, ge=10)
     """Training rows (shared equally by the five tasks)."""
     heldout_n: int = Field(100, ge=10)
+    """Held-out rows (shared equally by the five tasks)."""
     seed: int = 0
     """Training data seed; the held-out set uses seed + 1 (different sentences and scenes)."""
 
 
-class SweepSection(Strict):
+class SweepSection(Section):
     params: dict[str, Any] = {}
     """{name or pattern: null | [low, high] | {low, high, log}}; names are training-config paths
     (`stw.alpha.instr`, `loss.lambda_triplet.vqa_multi`); null = SPEC's range; empty = all of
     `tune.space.DEFAULT_SPACE`."""
     searcher: Literal["optuna_tpe", "random", "grid", "sobol"] = "optuna_tpe"
+    """How points are chosen: Optuna's TPE, uniform random, a grid, or a Saltelli (Sobol) design."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """ASHA stops weak trials at held-out evaluations; grid and Sobol designs need every point at
     full budget and default to fifo."""
@@ -92,7 +95,9 @@ class SweepSection(Strict):
     grace_period: int | None = Field(None, ge=1)
     """ASHA: steps before a trial can be stopped; None = eval_every."""
     reduction_factor: float = Field(2.0, gt=1)
+    """ASHA: 1 / the fraction of trials kept at each rung."""
     max_concurrent: int = Field(2, ge=1)
+    """Trials training at once."""
     trial_resources: dict[str, float] = {"CPU": 0.01}
     """Resources of each trial's driver function (the Train workers reserve their own)."""
     sensitivity: bool = True
@@ -121,7 +126,7 @@ class SweepSection(Strict):
 FACTOR_ALIASES = {"stw": "stw.mode", "loss": "loss.kind", "dle": "loss.kind", "pooling": "model.pooling.kind"}
 
 
-class AblateSection(Strict):
+class AblateSection(Section):
     factors: dict[str, list[Any]] = {"stw": ["none", "static", "dynamic"], "loss": ["infonce", "dle"],
                                       "pooling": ["mean", "last", "attention"]}
     """{factor: levels}; factors are `stw` (stw.mode), `loss` (loss.kind: dle = full DLE, infonce =
@@ -130,7 +135,9 @@ class AblateSection(Strict):
     seeds: list[int] = [0, 1, 2]
     """Each cell is trained once per seed (train.seed, and the tiny model's initialisation)."""
     max_concurrent: int = Field(2, ge=1)
+    """Cells training at once."""
     trial_resources: dict[str, float] = {"CPU": 0.01}
+    """Resources of each cell's driver function (the Train workers reserve their own)."""
 
     @field_validator("factors")
     @classmethod
@@ -154,12 +161,17 @@ class AblateSection(Strict):
         return {f: FACTOR_ALIASES.get(f, f) for f in self.factors}
 
 
-class Harness(Strict):
+class Harness(Section):
     base: str | None = None
+    """The training config the trials start from (relative to the working directory)."""
     heldout: HeldoutConfig = HeldoutConfig()
+    """The held-out data and metric that score a trial."""
     synthetic: SyntheticConfig | None = None
+    """Make synthetic training and held-out data where they do not exist; None = use what is there."""
     sweep: SweepSection | None = None
+    """The search (`python -m tune.sweep`)."""
     ablate: AblateSection | None = None
+    """The factorial ablation (`python -m tune.ablate`)."""
 
 
 def load_harness(path: str | Path | None, overrides: list[str] | None = None,

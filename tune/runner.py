@@ -78,7 +78,7 @@ def start_ray(cfg: Config, concurrent: int, trial_cpus: float) -> None:
     trial (2 trials × 0.5-CPU workers on a 2-core machine deadlock). Logical CPUs above the cores
     only oversubscribe them, as the tests' shared Ray does."""
     t = cfg.train
-    need = concurrent * (t.num_workers * t.cpus_per_worker + 1.0 + trial_cpus)
+    need = concurrent * (t.num_workers * t.resources.cpus_per_worker + 1.0 + trial_cpus)
     init_ray(cfg.run.ray_address, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), dashboard=True,
              verbose=cfg.run.verbose)
 

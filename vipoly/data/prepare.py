@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vipoly.config import DataConfig
+from vipoly.data.config import DataConfig
 from vipoly.data.converters import ConvertOptions, convert_unit, plan_units
 from vipoly.data.schema import COLUMNS, ORDER, REASON, SOURCE, STAGING_SCHEMA, rows_to_table
 from vipoly.data.shards import (MANIFEST, QUARANTINE, TaskShardSink, read_parquet, write_manifest,

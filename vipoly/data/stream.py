@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vipoly.config import Config, DataConfig
+from vipoly.config import Config
+from vipoly.data.config import DataConfig
 from vipoly.data.tokenize import tokenize_rows, has_images
 from vipoly.data.blocks import BlockRow, EncodedBlock
 from vipoly.data.plan import Plan, PlanState, SourceIndex

@@ -57,7 +57,7 @@ class TextEncoder:
     from the model folder's tokenizer.json and vipoly.json alone."""
 
     def __init__(self, inputs_dir: str | Path):
-        from vipoly.config import ModelConfig
+        from vipoly.model.config import ModelConfig
 
         inputs_dir = Path(inputs_dir)
         self.max_length = ModelConfig.model_validate(read_meta(inputs_dir)["model"]).max_length

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vipoly.config import Config, ModelConfig
+from vipoly.config import Config
+from vipoly.model.config import ModelConfig
 from vipoly.folder import read_meta
 
 INFERENCE_FIELDS = ("attn_implementation", "dtype", "max_length", "image_max_pixels", "image_min_pixels")

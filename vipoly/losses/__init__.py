@@ -2,11 +2,16 @@
 
 - `terms`: InfoNCE, score MSE, margin ranking, cosine, triplet (pure functions, formulas in docstrings);
 - `dle`: `dle_loss` (the per-task mix, L = (1/B) Σ_i λ_{t(i)} ℓ_i) and `DLEStats`; Matryoshka variant;
-- `gather`: `gather_with_grad` and `global_dle_loss` (negatives from every worker, DDP-correct scaling).
+- `gather`: `gather_with_grad` and `global_dle_loss` (negatives from every worker, DDP-correct scaling);
+- `config`: the `loss.*` config section (no torch: names here are imported on first use).
 """
-from vipoly.losses.dle import TERMS, DLEStats, GlobalBatch, dle_loss, matryoshka_dle_loss
-from vipoly.losses.gather import gather_with_grad, global_dle_loss, reduce_stats
-from vipoly.losses.terms import cosine, infonce, margin_rank, predicted_score, score_mse, triplet
+from vipoly.lazy import lazy_names
 
-__all__ = ["TERMS", "DLEStats", "GlobalBatch", "cosine", "dle_loss", "gather_with_grad", "global_dle_loss",
-           "infonce", "margin_rank", "matryoshka_dle_loss", "predicted_score", "reduce_stats", "score_mse", "triplet"]
+_WHERE = {
+    "TERMS": "dle", "DLEStats": "dle", "GlobalBatch": "dle", "dle_loss": "dle", "matryoshka_dle_loss": "dle",
+    "gather_with_grad": "gather", "global_dle_loss": "gather", "reduce_stats": "gather",
+    "cosine": "terms", "infonce": "terms", "margin_rank": "terms", "predicted_score": "terms",
+    "score_mse": "terms", "triplet": "terms",
+}
+__all__ = list(_WHERE)
+__getattr__ = lazy_names(__name__, _WHERE)

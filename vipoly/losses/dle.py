@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vipoly.config import LossConfig, LossKind, TripletNegatives
+from vipoly.losses.config import LossConfig, LossKind, TripletNegatives
 from vipoly.losses.terms import (cosine_pos, hardest_negatives, infonce_sim, margin_rank_pos, pair_similarity,
                                  score_mse_pos, triplet_hinge, triplet_sim)
 from vipoly.tasks import TASK_SPECS, TASKS, Recipe

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vipoly.config import LossConfig
+from vipoly.losses.config import LossConfig
 from vipoly.losses.dle import DLEStats, GlobalBatch, dle_loss, matryoshka_dle_loss
 
 try:  # torch ≥ 2.13: the functional collective, whose backward is a reduce-scatter (SUM)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vipoly.config import TripletNegatives as Negatives  # hardest: max_j a_i·b_j; mean: mean_j of the hinge
+from vipoly.losses.config import TripletNegatives as Negatives  # hardest: max_j a_i·b_j; mean: mean_j of the hinge
 
 
 def predicted_score(pos: Tensor) -> Tensor:

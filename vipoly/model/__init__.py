@@ -6,7 +6,7 @@ processor imports pull in much of it anyway: a decoding task's first batch went 
 CPU-seconds (docs/benchmarks.md, "What a fresh Ray process pays before it works")."""
 from __future__ import annotations
 
-import importlib
+from vipoly.lazy import lazy_names
 
 _WHERE = {
     "COMPONENTS": "embedder", "EmbedOutput": "embedder", "PolyEmbedder": "embedder", "component_of": "embedder",
@@ -20,9 +20,4 @@ __all__ = [*_WHERE, "is_polyembedder_dir"]
 from vipoly.folder import is_polyembedder_dir  # noqa: E402 - light (no torch)
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"vipoly.model.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vipoly.model' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE)

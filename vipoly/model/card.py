@@ -160,8 +160,8 @@ def _hardware_of(config: Mapping[str, Any]) -> str | None:
     train = config.get("train") or {}
     if not train:
         return None
-    workers = train.get("num_workers", 1)
-    kind = "GPU" if train.get("use_gpu") else f"CPU ({train.get('cpus_per_worker', 1)} CPU each)"
+    workers, resources = train.get("num_workers", 1), train.get("resources") or {}
+    kind = "GPU" if resources.get("use_gpu") else f"CPU ({resources.get('cpus_per_worker', 1)} CPU each)"
     return f"{workers} worker(s), {kind}, {train.get('strategy', 'ddp')}"
 
 
@@ -174,7 +174,7 @@ def hardware_summary(device: Any, world_size: int, config: Mapping[str, Any]) ->
         return f"{world_size} × {torch.cuda.get_device_name(device)}, {strategy}"
     import platform
 
-    cpus = (config.get("train") or {}).get("cpus_per_worker", 1)
+    cpus = ((config.get("train") or {}).get("resources") or {}).get("cpus_per_worker", 1)
     return f"{world_size} CPU worker(s) ({cpus} CPU each, {platform.machine()}, {os.cpu_count()} cores on the node), {strategy}"
 
 
@@ -227,6 +227,7 @@ def _training_lines(config: Mapping[str, Any], s: Mapping[str, Any]) -> list[str
     if not config and "steps" not in s:
         return ["Saved outside a training run: no training record."]
     train, data, loss, stw = (config.get(k) or {} for k in ("train", "data", "loss", "stw"))
+    optimizer = train.get("optimizer") or {}
     lines = []
     if s.get("run_dir"):
         lines.append(f"Read from the run directory `{Path(s['run_dir']).name}` (config.yaml, metrics.jsonl).")
@@ -240,8 +241,8 @@ def _training_lines(config: Mapping[str, Any], s: Mapping[str, Any]) -> list[str
             f"| task weighting (STW) | {stw.get('mode', '')} |",
             f"| steps (train.max_steps) | {train.get('max_steps', '')} |",
             f"| global batch (samples per step) | {batch} |",
-            f"| learning rates (language / vision / heads) | {train.get('lr', '')} / {train.get('vision_lr', '')} / "
-            f"{train.get('head_lr') or train.get('lr', '')} |",
+            f"| learning rates (language / vision / heads) | {optimizer.get('lr', '')} / "
+            f"{optimizer.get('vision_lr', '')} / {optimizer.get('head_lr') or optimizer.get('lr', '')} |",
             f"| strategy | {train.get('strategy', '')}, {train.get('num_workers', '')} worker(s) |",
             f"| seed | {train.get('seed', '')} |",
             f"| data.mix | {_mix_text(data.get('mix') or {})} |", ""]

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Qwen2VLModel
 
-from vipoly.config import ModelConfig
+from vipoly.model.config import ModelConfig
 from vipoly.model.backbone import add_task_tokens, load_backbone, quiet_progress
 from vipoly.model.processor import load_processor, save_processor
 from vipoly.folder import META_FILE, is_polyembedder_dir, read_meta
@@ -341,7 +341,7 @@ class PolyEmbedder(nn.Module):
 
         import peft
 
-        from vipoly.config import VISION_LORA_TARGETS
+        from vipoly.model.config import VISION_LORA_TARGETS
 
         pattern = rf"language_model\..*\.({'|'.join(map(re.escape, lora.target_modules))})"
         if lora.vision:

@@ -26,18 +26,20 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from vipoly.config import Config, ModelConfig
 from vipoly.folder import META_FILE, is_polyembedder_dir, read_meta
+from vipoly.model.config import ModelConfig
 from vipoly.model.packing import pack_rows
 from vipoly.tasks import TASKS, check_task, prefix
 
+if TYPE_CHECKING:  # the whole tree assembles this package's section: a type only, no import
+    from vipoly.config import Config
 
 
 def decode_image(x: Any) -> Image.Image:

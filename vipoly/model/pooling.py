@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vipoly.config import PoolingConfig, PoolingKind
+from vipoly.model.config import PoolingConfig, PoolingKind
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vipoly.config import ProjectionConfig
+from vipoly.model.config import ProjectionConfig
 
 
 class ProjectionHead(nn.Module):

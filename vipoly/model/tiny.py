@@ -30,7 +30,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLModel
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from vipoly.config import ModelConfig, PoolingConfig, ProjectionConfig
+from vipoly.model.config import ModelConfig, PoolingConfig, ProjectionConfig
 from vipoly.model.backbone import add_task_tokens
 from vipoly.model.processor import ImageProcessor, ImageTextProcessor
 from vipoly.model.embedder import PolyEmbedder

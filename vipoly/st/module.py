@@ -25,7 +25,7 @@ import torch
 from sentence_transformers.base.modality import is_image_url_or_path
 from sentence_transformers.base.modules import InputModule
 
-from vipoly.config import ModelConfig
+from vipoly.model.config import ModelConfig
 from vipoly.model import PolyEmbedder
 from vipoly.model.inputs import decode_image
 from vipoly.tasks import TASKS, prefix

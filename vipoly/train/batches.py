@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vipoly.config import Config, TrainConfig
+from vipoly.config import Config
+from vipoly.train.config import TrainConfig
 from vipoly.data.collate import hard_negatives, load_builder, pad_sides, pair_labels, sides
 from vipoly.data.pretokenized import default_cache, encoded_files
 from vipoly.data.shards import QUARANTINE

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from vipoly.config import Config, Strategy
+from vipoly.config import Config
+from vipoly.train.config import Strategy
 from vipoly.losses.gather import is_distributed
 from vipoly.model.embedder import COMPONENTS, component_of
 from vipoly.train.monitor import grad_norms, say
@@ -27,8 +28,8 @@ class DDPEngine:
     def __init__(self, model, cfg: Config, total_steps: int, device: torch.device):
         self.cfg, self.accum = cfg, cfg.train.grad_accum
         self.module = model.to(device)
-        self.optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.train)
+        self.optimizer = build_optimizer(model, cfg.train.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.train.optimizer)
         self.model = model
         if is_distributed():
             # Every trained parameter takes part in every step (a text-only batch still touches the
@@ -75,7 +76,7 @@ class DDPEngine:
             return None
         norms = grad_norms(self.module)
         if not skip:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.optimizer.clip_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -129,7 +130,7 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum * chunks,
         "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * chunks * world,
-        "gradient_clipping": cfg.train.clip_grad_norm,
+        "gradient_clipping": cfg.train.optimizer.clip_grad_norm,
         "zero_optimization": {"stage": 3 if cfg.train.strategy == Strategy.ZERO3 else 2},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bool(cfg.train.bf16 and device.type == "cuda")},
@@ -170,8 +171,8 @@ class DeepSpeedEngine(DDPEngine):
         import deepspeed
 
         self.cfg, self.accum, self.micro = cfg, cfg.train.grad_accum, 0
-        optimizer = build_optimizer(model, cfg.train)
-        scheduler = build_scheduler(optimizer, total_steps, cfg.train)
+        optimizer = build_optimizer(model, cfg.train.optimizer)
+        scheduler = build_scheduler(optimizer, total_steps, cfg.train.optimizer)
         ds_cfg = deepspeed_config(cfg, device)
         self.chunks = ds_cfg["gradient_accumulation_steps"] // cfg.train.grad_accum
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from vipoly.config import Config, ConfigError, Strategy
+from vipoly.config import Config, ConfigError
+from vipoly.train.config import Strategy
 
 
 class StreamFactory:
@@ -41,24 +42,24 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchConfig, TorchTrainer  # ray
 
-    t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    strategic = sum(1 for s in t.strategic_checkpoints if t.max_steps < 0 or s <= t.max_steps)
+    t, r, c = cfg.train, cfg.train.resources, cfg.train.checkpoint
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    strategic = sum(1 for s in c.strategic if t.max_steps < 0 or s <= t.max_steps)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan)},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=t.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=r.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             logging_config=LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=c.max_failures),
             # Latest is always kept; strategic checkpoints outscore periodic ones (see loop._checkpoint).
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints + strategic,
+            checkpoint_config=CheckpointConfig(num_to_keep=c.keep + strategic,
                                                checkpoint_score_attribute="checkpoint_score"),
         ),
     )
@@ -130,21 +131,21 @@ def warn_unplaceable(cfg: Config) -> None:
     autoscaler to add nodes) without a word, which on a fixed cluster looks like a hang."""
     import ray
 
-    t = cfg.train
-    need = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    t, r = cfg.train, cfg.train.resources
+    need = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     fits = lambda res: all(res.get(k, 0) >= v for k, v in need.items())  # noqa: E731
-    if t.placement_strategy.startswith("STRICT_SPREAD"):
+    if r.placement_strategy.startswith("STRICT_SPREAD"):
         ok = sum(fits(r) for r in nodes) >= t.num_workers
         what = f"{t.num_workers} nodes that each have {need}"
-    elif t.placement_strategy == "STRICT_PACK":
+    elif r.placement_strategy == "STRICT_PACK":
         ok = any(all(r.get(k, 0) >= v * t.num_workers for k, v in need.items()) for r in nodes)
         what = f"one node with {t.num_workers} × {need}"
     else:
         ok = all(sum(r.get(k, 0) for r in nodes) >= v * t.num_workers for k, v in need.items())
         what = f"{t.num_workers} × {need} in all"
     if not ok:
-        print(f"warning: train.placement_strategy={t.placement_strategy} needs {what}; the cluster has "
+        print(f"warning: train.resources.placement_strategy={r.placement_strategy} needs {what}; the cluster has "
               f"{len(nodes)} node(s) with {[{k: r.get(k, 0) for k in need} for r in nodes]}. The run waits "
               f"until nodes are added (autoscaler) — on a fixed cluster, lower train.num_workers or change "
               f"the strategy.", file=sys.stderr, flush=True)

@@ -121,7 +121,7 @@ class LoopState:
         if self.bad_in_row < max_bad_steps:
             return None
         return Stop(f"stopped: {self.bad_in_row} steps in a row had a non-finite loss (last at step {self.step}); "
-                    f"lower train.lr or check the data")
+                    f"lower train.optimizer.lr or check the data")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from which phase dynamic STW updates apply (static weights before it).
 """
 from __future__ import annotations
 
-from vipoly.config import TrainConfig
+from vipoly.train.config import TrainConfig
 
 PHASES = ("exploration", "stabilization", "optimization")
 
@@ -23,5 +23,5 @@ def dynamic_stw_active(step: int, cfg: TrainConfig) -> bool:
 
 def is_checkpoint_step(step: int, cfg: TrainConfig) -> tuple[bool, bool]:
     """(save now, is strategic) after `step` optimizer steps have completed."""
-    strategic = step in cfg.strategic_checkpoints
-    return strategic or step % cfg.checkpoint_every == 0, strategic
+    strategic = step in cfg.checkpoint.strategic
+    return strategic or step % cfg.checkpoint.every == 0, strategic

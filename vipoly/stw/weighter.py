@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from vipoly.config import STWConfig, STWMode
+from vipoly.stw.config import STWConfig, STWMode
 from vipoly.losses.dle import DLEStats
 from vipoly.tasks import TASKS
 
