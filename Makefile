@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test,eval,publish,serve,mine]'
 	bash scripts/install_fonts.sh
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(BIN)/python scripts/build_ops.py  # DeepSpeed's CPU op, once
 	touch $(STAMP)
 
 test: setup

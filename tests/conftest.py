@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # As `vipoly.ray_init` does for a local instance: no preemption watcher actor (a process a fit, for
 # a drain notice one machine never gets).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# DeepSpeed's CPU communication op, built by `make setup` (scripts/build_ops.py) into the venv. Set
+# before the session's Ray starts, so its workers (where deepspeed.comm loads the op) inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -46,8 +46,12 @@ def steps(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, ray_session, data_root, init_model) -> Path:
+    """The reference run: images decoded in Ray tasks, as a GPU run decodes them. The other runs
+    decode in their workers (the CPU default, `data.decode_in_tasks`), and those compared with this
+    one below (resumed, GradCache, one worker, a killed worker, ZeRO-3) show both give the same
+    samples and losses."""
     run = tmp_path_factory.mktemp("runs") / "straight"
-    assert train(run, data_root, init_model, wandb="offline") == 0
+    assert train(run, data_root, init_model, "data.decode_in_tasks=true", wandb="offline") == 0
     return run
 
 
@@ -67,6 +71,15 @@ def test_run_directory_contract(straight):
     assert (straight / "plots" / "loss_per_task.png").is_file()
     assert len(list((straight / "wandb").glob("offline-run-*/run-*.wandb"))) == 1  # rank 0's offline record
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000006"]
+
+
+def test_a_run_starts_no_dataset_manager(straight):
+    """The workers read their own rows: Ray Train's DatasetManager actor (a process that imports
+    Ray Train and Ray Data for every run) is left out (launch._without_dataset_manager)."""
+    from ray._private import state  # ray: GCS's actor table (the state API needs the dashboard)
+
+    names = [a["ActorClassName"] for a in state.actors().values()]
+    assert "TrainController" in names and "DatasetManager" not in names
 
 
 def test_samples_seen_follow_the_mix(straight):
@@ -168,13 +181,11 @@ def optimizer_tensors(ckpt: Path) -> dict[str, "torch.Tensor"]:
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3+lora"])
-def test_deepspeed_trains_and_resumes(tmp_path, ray_session, straight, data_root, init_model, strategy, capfd,
-                                      monkeypatch):
+def test_deepspeed_trains_and_resumes(tmp_path, ray_session, straight, data_root, init_model, strategy, capfd):
     """ZeRO-2, ZeRO-3, and ZeRO-3 with LoRA adapters (merged at export from the gathered weights):
     paused and resumed, each equals a straight run step for step (DDP's, or its own with GradCache)."""
     import torch
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     run = tmp_path / strategy.replace("+", "_")
     strategy, _, lora = strategy.partition("+")
     # (no LoRA dropout: GradCache's chunks draw other dropout masks than one whole micro-batch does)
@@ -273,7 +284,17 @@ def test_gradcache_gives_the_same_steps(tmp_path, ray_session, straight, data_ro
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4), ra["step"]
 
 
-def test_frozen_parts_do_not_move(tmp_path, ray_session, data_root, init_model):
+@pytest.fixture(scope="module")
+def frozen_with_negatives(tmp_path_factory, ray_session, data_root, init_model) -> Path:
+    """One 2-step run on 2 workers for two features that do not touch each other: frozen parts
+    (the model side) and gathered hard negatives (the data side)."""
+    run = tmp_path_factory.mktemp("runs") / "frozen_negatives"
+    assert train(run, data_root, init_model, "model.freeze=[vision, embeddings]", "data.negatives=2",
+                 "train.max_steps=2", "train.checkpoint.every=2") == 0
+    return run
+
+
+def test_frozen_parts_do_not_move(frozen_with_negatives, init_model):
     """model.freeze=[vision, embeddings] on 2 workers (DDP with no unused-parameter search): the
     frozen tensors end bit for bit as they began, the optimizer holds none of them, and the first
     metrics row counts the trainable parameters."""
@@ -282,9 +303,7 @@ def test_frozen_parts_do_not_move(tmp_path, ray_session, data_root, init_model):
     from vipoly.model import PolyEmbedder
     from vipoly.model.embedder import component_of
 
-    run = tmp_path / "frozen"
-    assert train(run, data_root, init_model, "model.freeze=[vision, embeddings]", "train.max_steps=2",
-                 "train.checkpoint.every=2") == 0
+    run = frozen_with_negatives
     before, after = PolyEmbedder.from_pretrained(init_model), PolyEmbedder.from_pretrained(run / "model")
     embeddings = before.backbone.get_input_embeddings().weight
     frozen = {n for n, p in before.named_parameters() if component_of(n) == "vision" or p is embeddings}
@@ -347,12 +366,12 @@ def test_lora_trains_resumes_exactly_and_exports_merged(tmp_path, ray_session, d
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_hard_negatives_are_gathered_candidates(tmp_path, ray_session, straight, data_root, init_model):
+def test_hard_negatives_are_gathered_candidates(frozen_with_negatives, straight):
     """data.negatives=2 on 2 workers: each step's queries are scored against the 20 positives and
-    every worker's hard negatives (the synthetic image tasks carry one each), and the run trains."""
-    run = tmp_path / "negatives"
-    assert train(run, data_root, init_model, "data.negatives=2", "train.max_steps=2", "train.checkpoint.every=2") == 0
-    rows, plain = steps(run), steps(straight)
+    every worker's hard negatives (the synthetic image tasks carry one each), and the run trains.
+    (Step 1's loss is the initial weights', frozen or not: it differs from the plain run's by the
+    negatives alone.)"""
+    rows, plain = steps(frozen_with_negatives), steps(straight)
     seen = rows[-1]
     image_rows = sum(seen[f"samples_seen/{t}"] for t in ("ocr", "vqa_single", "vqa_multi"))  # one negative each
     assert sum(r["candidates_per_query"] for r in rows) == 2 * 20 + image_rows

@@ -22,9 +22,10 @@ def data_root(tmp_path_factory):
     return out
 
 
-def stream(data_root, model_dir, prefetch: int) -> TrainStream:
+def stream(data_root, model_dir, prefetch: int, in_tasks: bool = False) -> TrainStream:
     cfg = load_config(TINY, [f"data.root={data_root}", f"model.backbone={model_dir}", "train.num_workers=1",
-                             f"data.prefetch_batches={prefetch}", "train.batch_size=4", f"run.dir={data_root}/run"])
+                             f"data.prefetch_batches={prefetch}", "train.batch_size=4", f"run.dir={data_root}/run",
+                             f"data.decode_in_tasks={str(in_tasks).lower()}"])
     write_inputs(cfg)  # as pipelines.train does before the workers start
     return TrainStream(cfg, build_plan(cfg), rank=0, world=1)
 
@@ -35,7 +36,9 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_prefetched_batches_and_positions_equal_inline_ones(ray_session, data_root, tiny_model_dir):
-    inline, ahead = stream(data_root, tiny_model_dir, 0), stream(data_root, tiny_model_dir, 3)
+    """Inline: no prefetch, images decoded in this process (a CPU run's default); ahead: 3 batches
+    prefetched by a thread that hands the images to Ray tasks (a GPU run's way)."""
+    inline, ahead = stream(data_root, tiny_model_dir, 0), stream(data_root, tiny_model_dir, 3, in_tasks=True)
     try:
         for _ in range(5):
             a, b = inline.next_batch(), ahead.next_batch()

@@ -33,6 +33,12 @@ class DataConfig(Section):
     read_ahead: int = Field(2, ge=1)
     """Micro-batches selected and decoding (images in Ray tasks) ahead of the one training: what
     overlaps image decoding with the step, and bounds the encoded patches held."""
+    decode_in_tasks: bool | None = None
+    """Decode images and run the image processor in Ray tasks (overlapping the step), or in the
+    training worker itself; None = in tasks where the workers have GPUs (`train.resources.use_gpu`).
+    On CPU the step already keeps the cores busy, and each new task process first imports
+    transformers' image code (≈ 9 CPU-seconds): a cold 6-step fit on 2 cores took 35 s against 16 s
+    in the worker, a warm one 15 s either way (docs/benchmarks.md)."""
     prefetch_batches: int = Field(0, ge=0)
     """Training batches made ahead in a background thread, to overlap a GPU step; 0 = none. On a
     2-core CPU it cost 10% (docs/benchmarks.md): there the thread competes with the step."""

@@ -10,7 +10,8 @@ Per chunk (`vipoly.data.plan` defines chunks, lanes and the order):
               source (`vipoly.data.reader`); chunks are selected GROUP_SAMPLES samples at a time;
     encode    rows with images are decoded and run through the image processor after the
               selection, in Ray tasks (`tokenize_rows`, `data.read_ahead` chunks in flight, so
-              decoding overlaps the step); text rows are tokenised when their lane reads its
+              decoding overlaps the step), or in this process (`decode_in_tasks=False`, what a CPU
+              run does: see `data.decode_in_tasks`); text rows are tokenised when their lane reads its
               window, in one batched call (≈ 0.15 ms a row in this process: a Ray task per chunk
               would cost more than the work); sources with pre-encoded copies
               (`python -m pipelines.pretokenize`) are read from the copies and not encoded at all;
@@ -107,7 +108,7 @@ class PlannedStream:
     def __init__(self, plan: Plan, rank: int, world: int, inputs_dir: str | Path, *, state: dict | None = None,
                  encoded: dict[str, list[str] | None] | None = None, read_ahead: int = 2,
                  quarantine: str | Path | None = None, encode_num_cpus: float = 1.0,
-                 group_samples: int = GROUP_SAMPLES):
+                 group_samples: int = GROUP_SAMPLES, decode_in_tasks: bool = True):
         plan.check_workers(world)
         self.plan, self.rank, self.world, self.inputs_dir = plan, rank, world, str(inputs_dir)
         self.positions = plan.positions(rank, world)
@@ -130,6 +131,7 @@ class PlannedStream:
         self._position = self.selection.to_dict()
         self._remote = None
         self._encode_num_cpus = encode_num_cpus
+        self._decode_in_tasks = decode_in_tasks
         self._group = max(1, group_samples // len(self.positions))  # chunks selected at once
 
     @property
@@ -194,8 +196,8 @@ class PlannedStream:
         """A Ray task for rows with images (decoding overlaps the step); text stays here."""
         import ray  # ray
 
-        if not has_images(table) or not ray.is_initialized():
-            return table
+        if not (self._decode_in_tasks and has_images(table) and ray.is_initialized()):
+            return table  # decoded in this process when the chunk is finished
         if self._remote is None:
             # ray: "DEFAULT" schedules outside the Train/Tune worker's placement group, whose bundle
             # holds the worker's own CPUs; decoding uses the node's others (as Ray Data's tasks did).

@@ -61,6 +61,11 @@ class Prefetcher:
         self._thread.join(timeout=60)
 
 
+def decode_in_tasks(cfg: Config) -> bool:
+    """`data.decode_in_tasks`, where unset: in Ray tasks when the workers have GPUs to overlap."""
+    return cfg.data.decode_in_tasks if cfg.data.decode_in_tasks is not None else cfg.train.resources.use_gpu
+
+
 class TrainStream:
     """One worker's batches: `next_batch()`, with the data position of the last batch handed out
     (`state_dict`, for checkpoints; the same for every number of workers) and the step plan
@@ -82,7 +87,8 @@ class TrainStream:
     def _open(self, position: dict | None) -> None:
         self.stream = PlannedStream(self.plan, self.rank, self.world, self.inputs_dir, state=position,
                                     encoded=self.encoded, read_ahead=self.cfg.data.read_ahead,
-                                    quarantine=Path(self.cfg.run.dir) / QUARANTINE)
+                                    quarantine=Path(self.cfg.run.dir) / QUARANTINE,
+                                    decode_in_tasks=decode_in_tasks(self.cfg))
         self._state = self.stream.state()
         depth = self.cfg.data.prefetch_batches
         self._prefetch = Prefetcher(self._make_batch, depth) if depth else None

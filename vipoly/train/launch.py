@@ -47,7 +47,7 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None):
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
     strategic = sum(1 for s in c.strategic if t.max_steps < 0 or s <= t.max_steps)
-    return TorchTrainer(
+    return _without_dataset_manager(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
@@ -63,6 +63,26 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None):
                                                checkpoint_score_attribute="checkpoint_score"),
         ),
     )
+
+
+def _without_dataset_manager(trainer_cls):
+    """`trainer_cls` less Ray Data's dataset callback. The workers read their own rows
+    (vipoly.data.stream) and the trainer gets no `datasets`, yet Ray Train starts a DatasetManager
+    actor for every run, a process that imports Ray Train and Ray Data (≈ 2 CPU-seconds) to hand
+    out no shard. Defined here, not at module level: the controller unpickles this module, and
+    importing `ray.train.torch` there would import torch. Where Ray moves the callback, the
+    default trainer runs as before."""
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback  # ray: internal, checked in tests
+    except ImportError:
+        return trainer_cls
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+    return Trainer
 
 
 def check_config(cfg: Config):
