@@ -9,7 +9,7 @@ repo root, which is also what `ray job submit --working-dir .` gives every drive
 
 Modules: `space` (parameter ranges from SPEC §2–3 and how a point becomes a `Config`), `config`
 (the harness configs: a training Config tree plus a `sweep` or `ablate` section), `objective`
-(held-out evaluation → one number), `trial` (one training run in evaluation chunks, shared by sweeps
+(held-out evaluation → one number), `trial` (one training run that evaluates as it goes, shared by sweeps
 and ablations), `runner` (the Ray Tune layer), `results` (the trials table), `importance` (fANOVA,
 PED-ANOVA, Sobol, correlation ratio), `plots`.
 """

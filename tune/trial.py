@@ -1,19 +1,21 @@
 """One trial: a training run (a Ray Train `TorchTrainer`) evaluated on held-out data as it goes.
 
-Sweeps and ablations share this. A trial trains `eval_every` steps at a time: each chunk is one
-`TorchTrainer.fit()` with `train.stop_after`, which ends with a checkpoint and the exported model;
-the trial then evaluates `model/` on the held-out shards and reports the objective to Tune. ASHA
-decides at those reports, so weak trials stop early on the real objective, not on training loss.
-The next chunk re-runs the same `RunConfig(name, storage_path)`, which Ray Train resumes from its
-latest checkpoint (exactly: the data position and RNG states are in it).
+Sweeps and ablations share this. A trial is one `TorchTrainer.fit()`: every `eval_every` steps
+(and at the last) the workers checkpoint, export `model/`, and rank 0 evaluates it on the held-out
+shards (`HeldoutEval`, in the worker, which has the model code loaded already). The metrics reach
+Tune through `HeldoutReport`, a Ray Train callback in the controller that records them in
+trial.json and hands them to Tune's `TuneReportCallback`; ASHA decides at those reports, so weak
+trials stop early on the real objective, not on training loss. The workers are not restarted
+between evaluations (before, each chunk of `eval_every` steps was a fit of its own: a worker group,
+a model load and a data stream opened per evaluation).
 
-The same resume makes an interrupted sweep cheap: a restored trial has the same id, so the same run
-directory, and continues from its last checkpoint instead of step 0.
+`HeldoutReport` passes on only the reports that carry the objective: the workers' checkpoint
+reports (step, score) have none, and Tune's strict metric check and OptunaSearch (which reads
+`result[metric]` on every result) both reject results without it.
 
-Why not `ray.tune.integration.ray_train.TuneReportCallback`: it forwards the workers' own reports
-(step, loss), which carry no held-out metric; Tune's strict metric check and OptunaSearch (which
-reads `result[metric]` on every result) both reject results without the objective. The objective
-exists only after evaluation, here, so this function reports it with `tune.report`.
+An interrupted sweep is cheap to resume: a restored trial has the same id, so the same run
+directory, and Ray Train continues it from its last checkpoint (an evaluation step at the latest),
+not from step 0.
 
 Each trial directory (RUN_DIR/trials/<trial id>) is an ordinary training run directory
 (config.yaml, metrics.jsonl, checkpoints, model/, report.md) plus `trial.json`:
@@ -29,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 from tune.config import HeldoutConfig
 from vipoly.config import Config
+from vipoly.train.launch import Evaluator
 
 
 @dataclass
@@ -63,7 +66,7 @@ def split_point(config: dict) -> tuple[dict[str, Any], Any]:
 
 
 def run_trial(config: dict, job: Job) -> None:
-    """The Tune function of every trial (`ray` lines: the context and the reports)."""
+    """The Tune function of every trial (`ray` lines: the context and the training run)."""
     from ray import tune  # ray
 
     from tune.space import apply_params
@@ -72,29 +75,34 @@ def run_trial(config: dict, job: Job) -> None:
     params, design = split_point(config)
     run_dir = Path(job.root) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = TrialRecord(run_dir / "trial.json", trial_id, job.experiment, params, design)
+    record = TrialRecord.start(run_dir / "trial.json", trial_id, job.experiment, params, design)
     try:
         cfg = apply_params(Config.model_validate(job.cfg), params)
-        for step, metrics in train_and_evaluate(cfg, run_dir, HeldoutConfig.model_validate(job.heldout),
-                                                job.eval_every, job.inits):
-            record.add_eval(step, metrics)
-            if cfg.train.max_steps < 0 or step >= cfg.train.max_steps:
-                record.finish("complete")  # before the report: ASHA ends a trial at max_t right at it
-            tune.report({"step": step, **metrics})  # ray: ASHA and the searcher see the objective here
+        train_and_evaluate(cfg, run_dir, HeldoutConfig.model_validate(job.heldout), job.eval_every, job.inits,
+                           record.path)
     except Exception as e:
-        record.finish("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+        TrialRecord.load(record.path).finish("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
         raise
 
 
 class TrialRecord:
-    """trial.json, rewritten after every change so a killed sweep leaves a readable record."""
+    """trial.json, rewritten after every change so a killed sweep leaves a readable record. The
+    trial's function starts it; the Train controller (`HeldoutReport`) adds the evaluations."""
 
-    def __init__(self, path: Path, trial_id: str, experiment: str, params: dict, design: Any):
-        self.path = path
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
+
+    @classmethod
+    def start(cls, path: Path, trial_id: str, experiment: str, params: dict, design: Any) -> "TrialRecord":
         old = json.loads(path.read_text()) if path.exists() else {}
-        self.data = {"trial_id": trial_id, "experiment": experiment, "params": params, "design": design,
-                     "status": "running", "evals": old.get("evals", []), "error": None}
-        self._write()
+        record = cls(path, {"trial_id": trial_id, "experiment": experiment, "params": params, "design": design,
+                            "status": "running", "evals": old.get("evals", []), "error": None})
+        record._write()
+        return record
+
+    @classmethod
+    def load(cls, path: Path) -> "TrialRecord":
+        return cls(path, json.loads(path.read_text()))
 
     def add_eval(self, step: int, metrics: dict[str, float]) -> None:
         evals = [e for e in self.data["evals"] if e["step"] != step]  # a restored trial re-evaluates its last step
@@ -133,42 +141,65 @@ def prepare_run(cfg: Config, run_dir: Path, inits: dict[int, str]) -> Config:
 
 
 def train_and_evaluate(cfg: Config, run_dir: Path, heldout: HeldoutConfig, eval_every: int | None,
-                       inits: dict[int, str]) -> Iterator[tuple[int, dict[str, float]]]:
-    """Train in chunks of `eval_every` steps (one chunk when None), yielding (step, held-out metrics)
-    after each. Resumes from the run directory's latest checkpoint."""
-    from vipoly.train.launch import build_trainer, latest_step
-
-    cfg = prepare_run(cfg, run_dir, inits)
-    total = cfg.train.max_steps
-    evaluate = evaluator(heldout)
-    done = latest_step(run_dir)
-    while True:
-        if done < total or total < 0 or not (run_dir / "model").exists():
-            chunk = cfg.model_copy(deep=True)
-            chunk.train.stop_after = eval_every if eval_every and total > 0 and done + eval_every < total else None
-            (run_dir / "STOPPED").unlink(missing_ok=True)
-            build_trainer(chunk, run_dir).fit()  # ray: Ray Train V2 raises if the run fails
-            if (run_dir / "STOPPED").exists():
-                raise RuntimeError(f"training stopped: {(run_dir / 'STOPPED').read_text().strip()}")
-            new = latest_step(run_dir)
-            if new <= done and total > 0:
-                raise RuntimeError(f"training made no progress past step {done} in {run_dir}")
-            done = new
-        yield done, evaluate(run_dir / "model")
-        if total < 0 or done >= total:
-            return
-
-
-def evaluator(heldout: HeldoutConfig) -> Callable[[Path], dict[str, float]]:
-    """Evaluate in this process, or as a Ray task with `heldout.resources` (a GPU on a cluster)."""
-    from tune.objective import evaluate
+                       inits: dict[int, str], record: Path) -> None:
+    """One fit that evaluates `model/` every `eval_every` steps (None: at the end only) and at the
+    end, reporting each evaluation to Tune; resumes from the run directory's latest checkpoint."""
+    from vipoly.train.launch import build_trainer
 
     heldout.root  # fail now, not after training, when heldout.data is missing
-    if not heldout.resources:
-        return lambda model_dir: evaluate(model_dir, heldout)
-    import ray  # ray
+    cfg = prepare_run(cfg, run_dir, inits)
+    (run_dir / "STOPPED").unlink(missing_ok=True)
+    build_trainer(cfg, run_dir, evaluate=HeldoutEval(heldout, eval_every),
+                  callbacks=[HeldoutReport(record, cfg.train.max_steps)]).fit()  # ray: raises if the run fails
+    if (run_dir / "STOPPED").exists():
+        raise RuntimeError(f"training stopped: {(run_dir / 'STOPPED').read_text().strip()}")
 
-    res = dict(heldout.resources)
-    options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 0), "resources": res or None}
-    remote = ray.remote(**options)(evaluate)  # ray
-    return lambda model_dir: ray.get(remote.remote(str(model_dir), heldout))  # ray
+
+class HeldoutEval(Evaluator):
+    """The held-out objective of `model/` (`tune.objective.evaluate`), on the Train worker of rank
+    0, or as a Ray task with `heldout.resources` (a GPU on a cluster)."""
+
+    def __init__(self, heldout: HeldoutConfig, every: int | None):
+        self.heldout, self.every = heldout.model_dump(mode="json"), every
+
+    def __call__(self, model_dir: Path) -> dict[str, float]:
+        from tune.objective import evaluate
+
+        heldout = HeldoutConfig.model_validate(self.heldout)
+        if not heldout.resources:
+            return evaluate(model_dir, heldout)
+        import ray  # ray
+
+        res = dict(heldout.resources)
+        options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 0), "resources": res or None,
+                   "scheduling_strategy": "DEFAULT"}  # outside the Train worker's placement group
+        return ray.get(ray.remote(**options)(evaluate).remote(str(model_dir), heldout))  # ray
+
+
+def _user_callback():
+    from ray.train import UserCallback  # ray
+
+    return UserCallback
+
+
+class HeldoutReport(_user_callback()):
+    """A Ray Train callback (it runs in the Train controller): each report that carries the
+    held-out objective goes into trial.json and on to Tune (`TuneReportCallback`, built here in the
+    trial's Tune session); the workers' checkpoint reports carry none and stay in Ray Train."""
+
+    def __init__(self, record: Path, max_steps: int):
+        from ray.tune.integration.ray_train import TuneReportCallback  # ray
+
+        self.record, self.max_steps = Path(record), max_steps
+        self.tune = TuneReportCallback()
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        first = metrics[0]
+        if "objective" not in first:
+            return
+        record = TrialRecord.load(self.record)
+        step = int(first["step"])
+        record.add_eval(step, {k: v for k, v in first.items() if k != "step"})
+        if self.max_steps < 0 or step >= self.max_steps:
+            record.finish("complete")  # before the report: ASHA ends a trial at max_t right at it
+        self.tune.after_report(run_context, [dict(first)], None)  # ray: on to the trial's Tune session

@@ -28,6 +28,20 @@ class StreamFactory:
         return TrainStream(Config.model_validate(self.cfg), self.plan, rank, world)
 
 
+class Evaluator:
+    """What a caller (a Tune trial) runs on the exported model as training goes, without restarting
+    the workers: after every `every` steps (a checkpoint step too; None = only at the end) and at
+    the last step, every rank exports `model/`, rank 0 calls the evaluator with it, and its metrics
+    go to `ray.train.report` with the step, where a Ray Train callback in the controller (see
+    `build_trainer`'s `callbacks`) passes them on. Here, not in the loop's module: the controller
+    unpickles it."""
+
+    every: int | None = None
+
+    def __call__(self, model_dir: Path) -> dict[str, float]:
+        raise NotImplementedError
+
+
 def train_loop_per_worker(config: dict) -> None:
     """A Ray Train worker's entry point (`vipoly.train.loop.train_loop_per_worker`). It and
     `StreamFactory` live in this light module because Ray Train's controller unpickles them too:
@@ -38,7 +52,9 @@ def train_loop_per_worker(config: dict) -> None:
     run(config)
 
 
-def build_trainer(cfg: Config, run_dir: Path, plan=None):
+def build_trainer(cfg: Config, run_dir: Path, plan=None, evaluate=None, callbacks=()):
+    """The run's TorchTrainer. `evaluate` (a `vipoly.train.loop.Evaluator`) runs on the exported
+    model as training goes; `callbacks` (Ray Train `UserCallback`s) see every report."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchConfig, TorchTrainer  # ray
 
@@ -49,7 +65,7 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None):
     strategic = sum(1 for s in c.strategic if t.max_steps < 0 or s <= t.max_steps)
     return _without_dataset_manager(TorchTrainer)(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan)},
+        train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan), "evaluate": evaluate},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
@@ -61,6 +77,7 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None):
             # Latest is always kept; strategic checkpoints outscore periodic ones (see loop._checkpoint).
             checkpoint_config=CheckpointConfig(num_to_keep=c.keep + strategic,
                                                checkpoint_score_attribute="checkpoint_score"),
+            callbacks=list(callbacks) or None,
         ),
     )
 

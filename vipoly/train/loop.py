@@ -26,6 +26,7 @@ from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
 from vipoly.train.engine import build_engine, build_model
 from vipoly.train.gradcache import CachedBatch
+from vipoly.train.launch import Evaluator
 from vipoly.train.monitor import (Console, MetricsLog, Volatility, Wandb, pooling_entropy, quiet_worker_logs, say,
                                    weight_drift)
 from vipoly.train.phases import dynamic_stw_active, is_checkpoint_step, phase_of
@@ -75,8 +76,10 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of a Ray Train worker. `config` = {"cfg": Config as dict, "stream": StreamFactory}."""
-    run_training(Config.model_validate(config["cfg"]), config["stream"], use_ray=config.get("use_ray", True))
+    """Entry point of a Ray Train worker. `config` = {"cfg": Config as dict, "stream": StreamFactory,
+    "evaluate": an optional `vipoly.train.launch.Evaluator`}."""
+    run_training(Config.model_validate(config["cfg"]), config["stream"], use_ray=config.get("use_ray", True),
+                 evaluate=config.get("evaluate"))
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,8 @@ class Monitor:
         say(self.console.line(row))
 
 
-def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None) -> dict:
+def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int | None = None,
+                 evaluate: Evaluator | None = None) -> dict:
     ctx = Context(use_ray)
     if use_ray:
         quiet_worker_logs(cfg.run.verbose, ctx.rank)
@@ -283,15 +287,30 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
             stop = stop or Stop(f"paused after {tcfg.stop_after} steps (train.stop_after); re-run to continue",
                                 paused=True)
         save, strategic = is_checkpoint_step(state.step, tcfg)
-        if save or state.step == total or stop:
+        # An evaluation step is a checkpoint too: a restored Tune trial continues from there.
+        evaluating = bool(evaluate and evaluate.every and state.step % evaluate.every == 0 and state.step < total)
+        if save or evaluating or state.step == total or stop:
             last = state.step == total or stop is not None  # finish() writes the report after the export
             _checkpoint(ctx, engine, weighter, stream, state.step, epoch, state.extra(), initial_proj, strategic,
                         run_dir, report=not last)
         if stop:
             break
+        if evaluating:
+            report_evaluation(ctx, engine, evaluate, state.step, run_dir)
         inject_fault(cfg, ctx.rank, state.step, run_dir)
     finish(ctx, engine, stream, monitor, stop, run_dir)
+    if evaluate and stop is None:  # also when a resumed run had nothing left to train
+        report_evaluation(ctx, engine, evaluate, state.step, run_dir, exported=True)
     return {"step": state.step, "stopped": stop}
+
+
+def report_evaluation(ctx: Context, engine, evaluate: Evaluator, step: int, run_dir: Path,
+                      exported: bool = False) -> None:
+    """Export model/ (every rank: ZeRO-3 gathers), evaluate it on rank 0, report the metrics."""
+    if not exported:
+        engine.export(run_dir / "model", ctx.rank)
+    metrics = evaluate(run_dir / "model") if ctx.rank == 0 else {}
+    ctx.report({"step": step, **metrics})  # every rank reports; Ray Train passes on rank 0's
 
 
 def resume(ctx: Context, engine, weighter: TaskWeighter, stream, seed: int) -> tuple[LoopState, dict | None]:
