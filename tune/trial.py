@@ -71,7 +71,10 @@ def run_trial(config: dict, job: Job) -> None:
 
     from tune.space import apply_params
 
+    from ray.train._internal.session import get_session  # ray: the session TuneReportCallback uses
+
     trial_id = tune.get_context().get_trial_id()  # ray
+    session = get_session()  # held: Tune clears the global one while tearing a stopped trial down
     params, design = split_point(config)
     run_dir = Path(job.root) / "trials" / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +83,15 @@ def run_trial(config: dict, job: Job) -> None:
         cfg = apply_params(Config.model_validate(job.cfg), params)
         train_and_evaluate(cfg, run_dir, HeldoutConfig.model_validate(job.heldout), job.eval_every, job.inits,
                            record.path)
+        done = TrialRecord.load(record.path).data
+        if done["status"] == "complete":  # the final evaluation, once the run has ended (see HeldoutReport)
+            tune.report(dict(done["evals"][-1]))  # ray
     except Exception as e:
+        if session is not None and session.stop_event.is_set():
+            # Tune stopped the trial at a report (ASHA's decision, or max_t at the last step) while
+            # fit() still ran; the run's controller was torn down under it: no failure, and
+            # trial.json keeps what was reported.
+            return
         TrialRecord.load(record.path).finish("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
         raise
 
@@ -150,7 +161,7 @@ def train_and_evaluate(cfg: Config, run_dir: Path, heldout: HeldoutConfig, eval_
     cfg = prepare_run(cfg, run_dir, inits)
     (run_dir / "STOPPED").unlink(missing_ok=True)
     build_trainer(cfg, run_dir, evaluate=HeldoutEval(heldout, eval_every),
-                  callbacks=[HeldoutReport(record, cfg.train.max_steps)]).fit()  # ray: raises if the run fails
+                  callbacks=[HeldoutReport(record)]).fit()  # ray: raises if the run fails
     if (run_dir / "STOPPED").exists():
         raise RuntimeError(f"training stopped: {(run_dir / 'STOPPED').read_text().strip()}")
 
@@ -184,13 +195,16 @@ def _user_callback():
 
 class HeldoutReport(_user_callback()):
     """A Ray Train callback (it runs in the Train controller): each report that carries the
-    held-out objective goes into trial.json and on to Tune (`TuneReportCallback`, built here in the
-    trial's Tune session); the workers' checkpoint reports carry none and stay in Ray Train."""
+    held-out objective goes into trial.json, and the intermediate ones on to Tune
+    (`TuneReportCallback`, built here in the trial's Tune session), where ASHA may stop the trial;
+    the workers' checkpoint reports carry none and stay in Ray Train. The final evaluation is
+    reported by the trial's function after `fit()` returns: at max_t Tune stops a trial at its
+    report, which would tear the run down before it has finished."""
 
-    def __init__(self, record: Path, max_steps: int):
+    def __init__(self, record: Path):
         from ray.tune.integration.ray_train import TuneReportCallback  # ray
 
-        self.record, self.max_steps = Path(record), max_steps
+        self.record = Path(record)
         self.tune = TuneReportCallback()
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
@@ -199,7 +213,8 @@ class HeldoutReport(_user_callback()):
             return
         record = TrialRecord.load(self.record)
         step = int(first["step"])
-        record.add_eval(step, {k: v for k, v in first.items() if k != "step"})
-        if self.max_steps < 0 or step >= self.max_steps:
-            record.finish("complete")  # before the report: ASHA ends a trial at max_t right at it
-        self.tune.after_report(run_context, [dict(first)], None)  # ray: on to the trial's Tune session
+        record.add_eval(step, {k: v for k, v in first.items() if k not in ("step", "final")})
+        if first.get("final"):
+            record.finish("complete")
+            return
+        self.tune.after_report(run_context, [{k: v for k, v in first.items() if k != "final"}], None)  # ray

@@ -32,9 +32,9 @@ class Evaluator:
     """What a caller (a Tune trial) runs on the exported model as training goes, without restarting
     the workers: after every `every` steps (a checkpoint step too; None = only at the end) and at
     the last step, every rank exports `model/`, rank 0 calls the evaluator with it, and its metrics
-    go to `ray.train.report` with the step, where a Ray Train callback in the controller (see
-    `build_trainer`'s `callbacks`) passes them on. Here, not in the loop's module: the controller
-    unpickles it."""
+    go to `ray.train.report` with the step and `final` (true for the last one), where a Ray Train
+    callback in the controller (see `build_trainer`'s `callbacks`) passes them on. Here, not in the
+    loop's module: the controller unpickles it."""
 
     every: int | None = None
 

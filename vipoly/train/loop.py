@@ -300,17 +300,18 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         inject_fault(cfg, ctx.rank, state.step, run_dir)
     finish(ctx, engine, stream, monitor, stop, run_dir)
     if evaluate and stop is None:  # also when a resumed run had nothing left to train
-        report_evaluation(ctx, engine, evaluate, state.step, run_dir, exported=True)
+        report_evaluation(ctx, engine, evaluate, state.step, run_dir, exported=True, final=True)
     return {"step": state.step, "stopped": stop}
 
 
 def report_evaluation(ctx: Context, engine, evaluate: Evaluator, step: int, run_dir: Path,
-                      exported: bool = False) -> None:
-    """Export model/ (every rank: ZeRO-3 gathers), evaluate it on rank 0, report the metrics."""
+                      exported: bool = False, final: bool = False) -> None:
+    """Export model/ (every rank: ZeRO-3 gathers), evaluate it on rank 0, report the metrics
+    (`final`: the run's last evaluation)."""
     if not exported:
         engine.export(run_dir / "model", ctx.rank)
     metrics = evaluate(run_dir / "model") if ctx.rank == 0 else {}
-    ctx.report({"step": step, **metrics})  # every rank reports; Ray Train passes on rank 0's
+    ctx.report({"step": step, "final": final, **metrics})  # every rank reports; Ray Train passes on rank 0's
 
 
 def resume(ctx: Context, engine, weighter: TaskWeighter, stream, seed: int) -> tuple[LoopState, dict | None]:
