@@ -22,6 +22,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # As `vipoly.ray_init` does for a local instance: no preemption watcher actor (a process a fit, for
 # a drain notice one machine never gets).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# No worker processes started ahead of need (Ray starts some when a driver connects and more for a
+# backlog of leases; on 2 cores they take CPU from the tests and most are never used: 63 in one
+# profiled suite run). test_embed_job + test_data_stream, twice each: 188–213 CPU-s against 200–222.
+os.environ.setdefault("RAY_enable_worker_prestart", "0")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # DeepSpeed's CPU communication op, built by `make setup` (scripts/build_ops.py) into the venv. Set
 # before the session's Ray starts, so its workers (where deepspeed.comm loads the op) inherit it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
