@@ -27,7 +27,7 @@ import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from tune.config import HeldoutConfig
 from vipoly.config import Config

@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def build_trainer(cfg: Config, run_dir: Path, plan=None, evaluate=None, callbacks=()):
-    """The run's TorchTrainer. `evaluate` (a `vipoly.train.loop.Evaluator`) runs on the exported
+    """The run's TorchTrainer. `evaluate` (an `Evaluator`) runs on the exported
     model as training goes; `callbacks` (Ray Train `UserCallback`s) see every report."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchConfig, TorchTrainer  # ray

@@ -300,15 +300,15 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         inject_fault(cfg, ctx.rank, state.step, run_dir)
     finish(ctx, engine, stream, monitor, stop, run_dir)
     if evaluate and stop is None:  # also when a resumed run had nothing left to train
-        report_evaluation(ctx, engine, evaluate, state.step, run_dir, exported=True, final=True)
+        report_evaluation(ctx, engine, evaluate, state.step, run_dir, final=True)
     return {"step": state.step, "stopped": stop}
 
 
 def report_evaluation(ctx: Context, engine, evaluate: Evaluator, step: int, run_dir: Path,
-                      exported: bool = False, final: bool = False) -> None:
-    """Export model/ (every rank: ZeRO-3 gathers), evaluate it on rank 0, report the metrics
-    (`final`: the run's last evaluation)."""
-    if not exported:
+                      final: bool = False) -> None:
+    """Export model/ (every rank: ZeRO-3 gathers), evaluate it on rank 0, report the metrics.
+    `final`: the run's last evaluation, after `finish` has exported model/ already."""
+    if not final:
         engine.export(run_dir / "model", ctx.rank)
     metrics = evaluate(run_dir / "model") if ctx.rank == 0 else {}
     ctx.report({"step": step, "final": final, **metrics})  # every rank reports; Ray Train passes on rank 0's
