@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints-cpu.txt
+# Two pytest workers, a file each at a time (tests/conftest.py orders the files, heaviest first).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-all demo bench clean
 
@@ -20,10 +22,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: setup
 	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml point one way
 	$(BIN)/python scripts/check_bounds.py  # transformers' lower bound in pyproject.toml runs the model tests
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	$(BIN)/python -m pipelines.demo

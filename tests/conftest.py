@@ -1,10 +1,14 @@
-"""Session-wide fixtures: one tiny model, one Ray instance, the shared real eval data."""
+"""Session-wide fixtures: one tiny model, one Ray instance, the shared real eval data; the order
+the suite runs its files in (heaviest first, for xdist)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+
+# train_runs.py holds the DeepSpeed check both training modules run: its asserts explain themselves too.
+pytest.register_assert_rewrite("train_runs")
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_DATA = Path(os.environ.get("VIPOLY_EVAL_DATA", REPO.parent / "shared" / "data" / "eval"))
@@ -30,6 +34,21 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # DeepSpeed's CPU communication op, built by `make setup` (scripts/build_ops.py) into the venv. Set
 # before the session's Ray starts, so its workers (where deepspeed.comm loads the op) inherit it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+
+
+# The heaviest files first (seconds each, run alone on the 2-core CI machine at 5356dd2, the training
+# module before its split: 441). `make test` runs two xdist workers (--dist loadfile
+# --no-loadscope-reorder): a worker takes a whole file, so a module's shared runs are made once, and
+# the next file in this order as it frees up, so that neither waits alone on a long file at the end.
+HEAVY_FIRST = ("test_train.py", "test_train_variants.py", "test_packing.py",  # 224, 217, 134
+               "test_tune.py", "test_cluster_multinode.py", "test_cluster_job_submit.py",  # 82, 80, 79
+               "test_data_stream.py", "test_embed_lance.py", "test_embed_job.py",  # 44, 40, 40
+               "test_train_stream.py", "test_mine.py", "test_serve.py")  # 20, 18, 18
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +97,22 @@ def plain_qwen_dir(tiny_model, tmp_path_factory) -> Path:
     save_processor(tiny_model.processor.__class__(image_processor=tiny_model.processor.image_processor,
                                                   tokenizer=tokenizer), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """The training tests' synthetic data (200 rows shared by the tasks, seed 0), made once per module."""
+    from vipoly.data.synthetic import main as synthetic
+
+    out = tmp_path_factory.mktemp("syn")
+    synthetic(["--out", str(out), "--n", "200", "--seed", "0"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_model(tiny_model_dir) -> Path:
+    """The folder the training tests start from."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")

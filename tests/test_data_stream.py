@@ -52,9 +52,12 @@ def plan_of(prepared, mix, *, batch=8, partitions=4, shuffle=8, seed=0, **data):
     return build_plan(cfg)
 
 
-def chunks(plan, world, model_dir, n, state=None, **kw):
-    """Per chunk, every worker's rows in rank order; and the position after the last one."""
-    streams = [PlannedStream(plan, r, world, model_dir, state=state, **kw) for r in range(world)]
+def chunks(plan, world, model_dir, n, state=None, decode_in_tasks=False, **kw):
+    """Per chunk, every worker's rows in rank order; and the position after the last one. Images
+    decode in this process unless a test asks for Ray tasks (so no test depends on whether an
+    earlier one started the session's Ray, and none pays for cold task processes by accident)."""
+    streams = [PlannedStream(plan, r, world, model_dir, state=state, decode_in_tasks=decode_in_tasks, **kw)
+               for r in range(world)]
     out = []
     for _ in range(n):
         rows, positions = [], []
@@ -150,11 +153,16 @@ def test_empty_files_and_sources_fail_naming_them(prepared, tmp_path):
         plan_of(prepared, {"instr": 1}, batch=64, partitions=64)
 
 
-def test_a_corrupt_image_is_skipped_counted_and_quarantined(prepared, tiny_model_dir, tmp_path):
-    """An image that pipelines.prepare never saw fails to decode mid-stream: the row is
-    quarantined with its id and reason, and its slot is filled from the same source."""
+@pytest.mark.parametrize("in_tasks", [False, True], ids=["in_worker", "in_tasks"])
+def test_a_corrupt_image_is_skipped_counted_and_quarantined(prepared, tiny_model_dir, tmp_path, in_tasks, request):
+    """An image that pipelines.prepare never saw fails to decode mid-stream, in the training worker
+    (a CPU run) or in a Ray task (a GPU run): the row is quarantined with its id and reason, and
+    its slot is filled from the same source."""
     import json
     import shutil
+
+    if in_tasks:
+        request.getfixturevalue("ray_session")
 
     root = tmp_path / "data"
     shutil.copytree(prepared / "instr", root / "instr")
@@ -171,7 +179,8 @@ def test_a_corrupt_image_is_skipped_counted_and_quarantined(prepared, tiny_model
     mix = {"instr": 1, "ocr": 1}
     plan = plan_of(root, mix, batch=8, partitions=2, shuffle=4)
     quarantine = tmp_path / "quarantine.jsonl"
-    got, _, streams = chunks(plan, 2, tiny_model_dir, 10, quarantine=quarantine)  # 40 ocr samples: 2 passes
+    got, _, streams = chunks(plan, 2, tiny_model_dir, 10, quarantine=quarantine,  # 40 ocr samples: 2 passes
+                             decode_in_tasks=in_tasks, encode_num_cpus=4)  # 2 tasks at once of the 8 CPUs
     records = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert {r["id"] for r in records} == set(bad_ids) and all("not an image" in r["reason"] for r in records)
     assert sum(s.bad_rows for s in streams) == len(records) >= len(bad_ids)

@@ -39,6 +39,10 @@ class DataConfig(Section):
     On CPU the step already keeps the cores busy, and each new task process first imports
     transformers' image code (≈ 9 CPU-seconds): a cold 6-step fit on 2 cores took 35 s against 16 s
     in the worker, a warm one 15 s either way (docs/benchmarks.md)."""
+    decode_task_cpus: float = Field(1.0, gt=0)
+    """CPUs each decoding task reserves (Ray's `num_cpus`; a task decodes one micro-batch's image rows
+    of one source): what bounds how many decode at once on a node, and so how many task processes
+    start, each paying the image code's import once."""
     prefetch_batches: int = Field(0, ge=0)
     """Training batches made ahead in a background thread, to overlap a GPU step; 0 = none. On a
     2-core CPU it cost 10% (docs/benchmarks.md): there the thread competes with the step."""

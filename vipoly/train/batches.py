@@ -88,7 +88,8 @@ class TrainStream:
         self.stream = PlannedStream(self.plan, self.rank, self.world, self.inputs_dir, state=position,
                                     encoded=self.encoded, read_ahead=self.cfg.data.read_ahead,
                                     quarantine=Path(self.cfg.run.dir) / QUARANTINE,
-                                    decode_in_tasks=decode_in_tasks(self.cfg))
+                                    decode_in_tasks=decode_in_tasks(self.cfg),
+                                    encode_num_cpus=self.cfg.data.decode_task_cpus)
         self._state = self.stream.state()
         depth = self.cfg.data.prefetch_batches
         self._prefetch = Prefetcher(self._make_batch, depth) if depth else None
