@@ -4,7 +4,6 @@ encoding stage itself."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -25,7 +25,8 @@ def data_root(tmp_path_factory):
 def stream(data_root, model_dir, prefetch: int, in_tasks: bool = False) -> TrainStream:
     cfg = load_config(TINY, [f"data.root={data_root}", f"model.backbone={model_dir}", "train.num_workers=1",
                              f"data.prefetch_batches={prefetch}", "train.batch_size=4", f"run.dir={data_root}/run",
-                             f"data.decode_in_tasks={str(in_tasks).lower()}"])
+                             f"data.decode_in_tasks={str(in_tasks).lower()}",
+                             "data.decode_task_cpus=3"])  # 2 tasks at once of the session's 8 CPUs, not 7
     write_inputs(cfg)  # as pipelines.train does before the workers start
     return TrainStream(cfg, build_plan(cfg), rank=0, world=1)
 
