@@ -179,7 +179,7 @@ def test_a_corrupt_image_is_skipped_counted_and_quarantined(prepared, tiny_model
     plan = plan_of(root, mix, batch=8, partitions=2, shuffle=4)
     quarantine = tmp_path / "quarantine.jsonl"
     got, _, streams = chunks(plan, 2, tiny_model_dir, 10, quarantine=quarantine,  # 40 ocr samples: 2 passes
-                             decode_in_tasks=in_tasks, encode_num_cpus=4)  # 2 tasks at once of the 8 CPUs
+                             decode_in_tasks=in_tasks, decode_task_cpus=4)  # 2 tasks at once of the 8 CPUs
     records = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert {r["id"] for r in records} == set(bad_ids) and all("not an image" in r["reason"] for r in records)
     assert sum(s.bad_rows for s in streams) == len(records) >= len(bad_ids)

@@ -107,7 +107,7 @@ class PlannedStream:
 
     def __init__(self, plan: Plan, rank: int, world: int, inputs_dir: str | Path, *, state: dict | None = None,
                  encoded: dict[str, list[str] | None] | None = None, read_ahead: int = 2,
-                 quarantine: str | Path | None = None, encode_num_cpus: float = 1.0,
+                 quarantine: str | Path | None = None, decode_task_cpus: float = 1.0,
                  group_samples: int = GROUP_SAMPLES, decode_in_tasks: bool = True):
         plan.check_workers(world)
         self.plan, self.rank, self.world, self.inputs_dir = plan, rank, world, str(inputs_dir)
@@ -130,7 +130,7 @@ class PlannedStream:
         self._inflight: deque[_Chunk] = deque()
         self._position = self.selection.to_dict()
         self._remote = None
-        self._encode_num_cpus = encode_num_cpus
+        self._decode_task_cpus = decode_task_cpus
         self._decode_in_tasks = decode_in_tasks
         self._group = max(1, group_samples // len(self.positions))  # chunks selected at once
 
@@ -201,7 +201,7 @@ class PlannedStream:
         if self._remote is None:
             # ray: "DEFAULT" schedules outside the Train/Tune worker's placement group, whose bundle
             # holds the worker's own CPUs; decoding uses the node's others (as Ray Data's tasks did).
-            self._remote = ray.remote(num_cpus=self._encode_num_cpus, scheduling_strategy="DEFAULT")(tokenize_rows)
+            self._remote = ray.remote(num_cpus=self._decode_task_cpus, scheduling_strategy="DEFAULT")(tokenize_rows)
         return self._remote.remote(table, self.inputs_dir)  # ray
 
     # -- encode, repair, order

@@ -89,7 +89,7 @@ class TrainStream:
                                     encoded=self.encoded, read_ahead=self.cfg.data.read_ahead,
                                     quarantine=Path(self.cfg.run.dir) / QUARANTINE,
                                     decode_in_tasks=decode_in_tasks(self.cfg),
-                                    encode_num_cpus=self.cfg.data.decode_task_cpus)
+                                    decode_task_cpus=self.cfg.data.decode_task_cpus)
         self._state = self.stream.state()
         depth = self.cfg.data.prefetch_batches
         self._prefetch = Prefetcher(self._make_batch, depth) if depth else None
