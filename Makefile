@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints-cpu.txt
 # Two pytest workers, a file each at a time (tests/conftest.py orders the files, heaviest first).
+# The suite includes the lower-bound check (tests/test_lower_bounds.py runs scripts/check_bounds.py).
 TEST_WORKERS ?= 2
 
 .PHONY: setup test test-all demo bench clean
@@ -21,7 +22,6 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 test: setup
 	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml point one way
-	$(BIN)/python scripts/check_bounds.py  # transformers' lower bound in pyproject.toml runs the model tests
 	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: setup

@@ -2,7 +2,8 @@
 installs exactly that version into .lowest/, in front of the project's environment, with the
 newest version it accepts of each installed package whose installed version it does not accept
 (tokenizers, huggingface-hub, kernels, …: what pip would pick for it), and runs the model tests
-against it. `make test` runs it.
+against it. tests/test_lower_bounds.py runs it (so `make test` does), and it runs alone:
+`.venv/bin/python scripts/check_bounds.py`.
 
 torch's floor is transformers' own (torch>=2.4): only the CPU build of 2.13 can be installed on the
 CI machine, so older torch builds are not tried here.

@@ -40,8 +40,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extens
 # module before its split: 441). `make test` runs two xdist workers (--dist loadfile
 # --no-loadscope-reorder): a worker takes a whole file, so a module's shared runs are made once, and
 # the next file in this order as it frees up, so that neither waits alone on a long file at the end.
+# test_lower_bounds.py (its own pytest, ≈ 90 s) comes after test_packing.py, so that one of the two
+# finds the compiled layers' kernels in the inductor cache, not both compiling them at once.
 HEAVY_FIRST = ("test_train.py", "test_train_variants.py", "test_packing.py",  # 224, 217, 134
                "test_tune.py", "test_cluster_multinode.py", "test_cluster_job_submit.py",  # 82, 80, 79
+               "test_lower_bounds.py",
                "test_data_stream.py", "test_embed_lance.py", "test_embed_job.py",  # 44, 40, 40
                "test_train_stream.py", "test_mine.py", "test_serve.py")  # 20, 18, 18
 
