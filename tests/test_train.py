@@ -44,13 +44,22 @@ def test_run_directory_contract(straight):
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000006"]
 
 
-def test_a_run_starts_no_dataset_manager(straight):
+def test_a_run_starts_no_idle_helper_actors(straight):
     """The workers read their own rows: Ray Train's DatasetManager actor (a process that imports
-    Ray Train and Ray Data for every run) is left out (launch._without_dataset_manager)."""
+    Ray Train and Ray Data for every run) is left out; so is its placement-group cleaner where the
+    cluster has no dashboard, as here (launch._without_idle_helpers), and only there."""
     from ray._private import state  # ray: GCS's actor table (the state API needs the dashboard)
+    from ray.train.torch import TorchTrainer
+
+    from vipoly.train.launch import _without_idle_helpers
 
     names = [a["ActorClassName"] for a in state.actors().values()]
-    assert "TrainController" in names and "DatasetManager" not in names
+    assert "TrainController" in names and "DatasetManager" not in names and "PlacementGroupCleaner" not in names
+    for state_api in (True, False):
+        trainer = _without_idle_helpers(TorchTrainer, state_api=state_api)(lambda config: None)
+        kept = {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+        assert "DatasetsCallback" not in kept and "BackendSetupCallback" in kept
+        assert ("PlacementGroupCleanerCallback" in kept) == state_api
 
 
 def test_samples_seen_follow_the_mix(straight):

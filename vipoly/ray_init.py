@@ -14,9 +14,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
              log_to_driver: bool = True, verbose: bool = False) -> bool:
     """Start or join Ray unless this process already has; True when it started a local instance.
 
-    dashboard: start the local instance's dashboard (on 127.0.0.1). Ray Train needs it: its
-    placement-group cleaner asks the dashboard's state API whether the run's controller is alive,
-    and without one it warns about it every second of the run.
+    dashboard: start the local instance's dashboard (on 127.0.0.1). Ray Train's placement-group
+    cleaner asks its state API whether the run's controller is alive; without a dashboard the
+    cleaner is left out (vipoly.train.launch._without_idle_helpers).
     verbose (run.verbose): keep Ray Data's INFO lines (each dataset's execution plan) on the console.
     """
     import ray  # ray

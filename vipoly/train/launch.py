@@ -63,7 +63,7 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None, evaluate=None, callback
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
     strategic = sum(1 for s in c.strategic if t.max_steps < 0 or s <= t.max_steps)
-    return _without_dataset_manager(TorchTrainer)(
+    return _without_idle_helpers(TorchTrainer, state_api=_has_dashboard())(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stream": StreamFactory(cfg, plan), "evaluate": evaluate},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
@@ -82,24 +82,38 @@ def build_trainer(cfg: Config, run_dir: Path, plan=None, evaluate=None, callback
     )
 
 
-def _without_dataset_manager(trainer_cls):
-    """`trainer_cls` less Ray Data's dataset callback. The workers read their own rows
-    (vipoly.data.stream) and the trainer gets no `datasets`, yet Ray Train starts a DatasetManager
-    actor for every run, a process that imports Ray Train and Ray Data (≈ 2 CPU-seconds) to hand
-    out no shard. Defined here, not at module level: the controller unpickles this module, and
-    importing `ray.train.torch` there would import torch. Where Ray moves the callback, the
-    default trainer runs as before."""
+def _without_idle_helpers(trainer_cls, state_api: bool):
+    """`trainer_cls` less two of Ray Train's per-run helper actors when they would have nothing to
+    do; each is a process that imports Ray Train (≈ 2 CPU-seconds a run):
+    - the DatasetManager: the workers read their own rows (vipoly.data.stream) and the trainer gets
+      no `datasets`, so it would hand out no shard;
+    - the placement-group cleaner when the cluster has no dashboard (`state_api` False, as in the
+      test suite's Ray): it asks the dashboard's state API whether the controller still lives, and
+      without one it only logs a warning every second and never cleans anything.
+    Defined here, not at module level: the controller unpickles this module, and importing
+    `ray.train.torch` there would import torch. Where Ray moves the callbacks, the default trainer
+    runs as before."""
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback  # ray: internal, checked in tests
+        from ray.train.v2._internal.callbacks.placement_group_callback import \
+            PlacementGroupCleanerCallback  # ray: internal, checked in tests
     except ImportError:
         return trainer_cls
 
     class Trainer(trainer_cls):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return callbacks if self.datasets else [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+            idle = () if self.datasets else (DatasetsCallback,)
+            idle += () if state_api else (PlacementGroupCleanerCallback,)
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
 
     return Trainer
+
+
+def _has_dashboard() -> bool:
+    """Whether the Ray this driver is connected to runs a dashboard (and so the state API)."""
+    from ray._private.worker import get_dashboard_url  # ray: internal (ray.init's context holds the same URL)
+
+    return bool(get_dashboard_url())
 
 
 def check_config(cfg: Config):
