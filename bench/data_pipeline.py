@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     # Ray starts its workers at nice 15; on a machine shared with other jobs they then get a small
     # slice of the cores while this driver gets a full one. Equal niceness keeps the comparison fair.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    cpus = len(os.sched_getaffinity(0))  # the cores this process may run on (`taskset -c 0,1 …` gives 2)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _temp_dir=str(tmp / "ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; ray {ray.__version__}")
+    print(f"machine: {cpus} of {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; ray {ray.__version__}")
 
     t = time.perf_counter()
     text_mix = {"text_pair": 0.9, "instr": 0.1}
