@@ -68,8 +68,10 @@ def embed_task(files: list[str], args: argparse.Namespace, task: str) -> tuple[n
     """(queries (n, d), positives (n, d), ids) in the files' row order."""
     import ray
 
+    from vipoly.data.shards import read_parquet  # Ray Data's V1 reader: no FooterReader actors
+
     columns = ["id", "query_text", "query_images", "pos_text", "pos_images"]
-    ds = ray.data.read_parquet(files).select_columns(columns)  # ray
+    ds = read_parquet(files).select_columns(columns)  # ray
     ds = ds.map_batches(Embed, fn_constructor_kwargs={"model_dir": str(args.model), "task": task, "dim": args.dim,
                                                       "batch_size": args.batch_size},
                         batch_size=args.batch_size * 4, batch_format="pyarrow", concurrency=args.num_actors,

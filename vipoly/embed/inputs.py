@@ -180,6 +180,8 @@ def read_inputs(per_file: dict[Path, Columns], done: pa.Array, side_dir: str, cp
     Files with the same format and columns are read together (one read, many blocks)."""
     import ray  # ray
 
+    from vipoly.data.shards import read_parquet  # Ray Data's V1 reader: no FooterReader actors
+
     groups: dict[tuple, list[str]] = {}
     for f, c in per_file.items():
         groups.setdefault((file_format(f), c.id, c.text, c.image), []).append(str(f))
@@ -188,7 +190,7 @@ def read_inputs(per_file: dict[Path, Columns], done: pa.Array, side_dir: str, cp
         cols = Columns(id_col, text_col, image_col)
         if fmt == "parquet":
             wanted = [x for x in (id_col, text_col, image_col) if x]
-            ds = ray.data.read_parquet(paths, include_paths=True, num_cpus=cpus).select_columns(wanted + ["path"])
+            ds = read_parquet(paths, include_paths=True, num_cpus=cpus).select_columns(wanted + ["path"])
         else:
             ds = ray.data.read_text(paths, include_paths=True, num_cpus=cpus)
         parts.append(ds.map_batches(normalize, batch_format="pyarrow", num_cpus=cpus,
