@@ -141,3 +141,43 @@ def test_the_cached_scheduler_period_equals_running_the_scheduler(monkeypatch):
     fast = global_samples(plan(), 40, 2)
     monkeypatch.setattr(plan_module, "PERIOD_LIMIT", 1)  # every chunk runs the scheduler itself
     assert global_samples(plan(), 40, 2) == fast
+
+
+@pytest.mark.parametrize("period_limit", [None, 1])  # the cached period, then the scheduler itself
+def test_advancing_many_chunks_at_once_equals_one_at_a_time(monkeypatch, period_limit):
+    """`advance_many` (what a worker's stream calls) gives each chunk's samples and the state after
+    it exactly as `advance_arrays` chunk by chunk, for every worker of every allowed world."""
+    import vipoly.data.plan as plan_module
+
+    if period_limit is not None:
+        monkeypatch.setattr(plan_module, "PERIOD_LIMIT", period_limit)
+    p = plan()
+    for world in (1, 3, 12):
+        for rank in range(world):
+            positions = p.positions(rank, world)
+            one, many = p.fresh_state(), p.fresh_state()
+            for k in (1, 7, 16, 3):  # groups of several sizes, one after another (crossing passes)
+                picked, states = [], []
+                for _ in range(k):
+                    picked.append(p.advance_arrays(one, positions))
+                    states.append({**one.to_dict(), "back": {}})
+                arrays, got_states = p.advance_many(many, positions, k)
+                for got, want in zip(arrays, zip(*picked)):
+                    assert got.shape == (k, len(positions))
+                    np.testing.assert_array_equal(got, np.stack(want))
+                assert got_states == states
+                assert many.to_dict() == one.to_dict()
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        p.advance_many(p.fresh_state(), p.positions(0, 1), 0)
+
+
+def test_the_global_order_is_the_one_saved_checkpoints_expect():
+    """A checkpoint holds a position in the global order, not the order itself: a run resumed under
+    a newer vipoly continues correctly only if the order (data, seed) → samples never changes. The
+    digest is of the order as vipoly computed it at db0098a, chunk by chunk."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for chunk in global_samples(plan(), 40, 1):
+        digest.update("".join(f"{s},{lane},{j};" for s, lane, j in chunk).encode())
+    assert digest.hexdigest()[:16] == "345c4cab962fe967"

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from vipoly.data.tokenize import ENCODED_KEYS, SIDES
+from vipoly.data.tokenize import SIDES
 from vipoly.tasks import TASK_INDEX
 
 
@@ -42,21 +43,54 @@ def list_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
     return [col.view(i) for i in range(len(col))]
 
 
+class _ListColumns(dict):
+    """A table's list columns as `ListColumn`s, each made when first read: text rows never read
+    their image columns, and converting a column's offsets costs about as much as the rows' reads."""
+
+    def __init__(self, table: pa.Table):
+        super().__init__()
+        self.table = table
+
+    def __missing__(self, name: str) -> ListColumn:
+        col = self[name] = ListColumn(self.table.column(name))
+        return col
+
+
+def _any_values(table: pa.Table, name: str) -> bool:
+    """Whether list column `name` holds a value in any row (False where the table lacks it: a
+    pre-encoded copy's rows are read without their always-empty image columns)."""
+    if name not in table.column_names:
+        return False
+    return (pc.sum(pc.list_value_length(table.column(name))).as_py() or 0) > 0
+
+
+def _few_values(column: pa.ChunkedArray) -> np.ndarray | list:
+    """A column of a few distinct strings (task, lang), one per row, read through its distinct
+    values: a numpy object array of the same str objects, without converting every row's string."""
+    if column.null_count:
+        return column.to_pylist()
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    values = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    return values[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
 class EncodedBlock:
     """An encoded block (from `tokenize_table`), column by column: the scalar columns as Python lists
-    and numpy, the list columns as `ListColumn`s. Its rows are `BlockRow` handles, so splitting a
-    block into rows costs one small object per row; the collate then takes each row's sides as
-    numpy views (`side`) and its labels from these columns (`vipoly.data.collate`)."""
+    and numpy, the list columns as `ListColumn`s (made when first read). Its rows are `BlockRow`
+    handles, so splitting a block into rows costs one small object per row; the collate then takes
+    each row's sides as numpy views (`side`) and its labels from these columns
+    (`vipoly.data.collate`)."""
 
     def __init__(self, table: pa.Table):
         self.num_rows = table.num_rows
-        self.id, self.task, self.lang = (table.column(k).to_pylist() for k in ("id", "task", "lang"))
+        self.id = table.column("id").to_pylist()
+        self.task, self.lang = (_few_values(table.column(k)) for k in ("task", "lang"))
         self.score = table.column("score").to_numpy()
         self.p_key = table.column("p_key").to_numpy()
         self._neg_column = table.column("neg_text")
         self._neg: list[list[str]] | None = None  # made on the first `negatives` call
-        self.lists = {f"{side}_{k}": ListColumn(table.column(f"{side}_{k}")) for side in SIDES for k in ENCODED_KEYS}
-        self.has_images = {side: len(self.lists[f"{side}_image_grid_thw"].values) > 0 for side in SIDES}
+        self.lists = _ListColumns(table)
+        self.has_images = {side: _any_values(table, f"{side}_image_grid_thw") for side in SIDES}
         self.views: dict[str, list[np.ndarray]] = {}  # side → its input_ids view per row (`token_views`)
         self._task_index: list[int] | None = None
 

@@ -77,8 +77,9 @@ def build_plan(cfg: Config) -> Plan:
 
 
 GROUP_SAMPLES = 512
-"""Samples a worker selects at once: a lane finds its rows of several chunks in one call, so the
-work per sample is one handle; selecting chunk by chunk (a call per lane per chunk, an object per
+"""Samples a worker selects at once: the plan draws several chunks in one call
+(`Plan.advance_many`) and a lane finds its rows of them in one call, so the work per sample is one
+handle; selecting chunk by chunk (a call per lane per chunk, an object per
 address) cost more per sample than reading the rows. Rows with images are still submitted to
 their Ray tasks chunk by chunk."""
 
@@ -155,11 +156,9 @@ class PlannedStream:
     def _select_group(self) -> list[_Chunk]:
         """The next GROUP_SAMPLES samples' worth of chunks, selected at once (see GROUP_SAMPLES)."""
         per, base = len(self.positions), self.positions.start
-        chunks, picks = [], []
-        for _ in range(self._group):
-            picks.append(self.plan.advance_arrays(self.selection, self.positions))
-            chunks.append(_Chunk({**self.selection.to_dict(), "back": {}}, per))
-        source, lane, js = (np.concatenate(x) for x in zip(*picks))  # slot = chunk · per + position − base
+        picks, states = self.plan.advance_many(self.selection, self.positions, self._group)
+        chunks = [_Chunk(state, per) for state in states]
+        source, lane, js = (x.reshape(-1) for x in picks)  # slot = chunk · per + position − base
         key = source * self.plan.partitions + lane
         order = np.argsort(key, kind="stable")  # by (source, lane); within one, slots and js ascend
         for slots in np.split(order, np.flatnonzero(np.diff(key[order])) + 1):
