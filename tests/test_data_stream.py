@@ -279,23 +279,28 @@ def test_ray_collate_equals_row_collate(tiny_model_dir, prepared):
     assert via_ray["query"]["image_grid_thw"].shape == (3, 3) and "pixel_values" not in via_ray["pos"]
 
 
-def test_block_rows_collate_as_dicts(tiny_model_dir, prepared):
+@pytest.mark.parametrize("tasks", [("text_pair", "ocr", "vqa_multi"), ("text_pair", "instr", "instr")])
+def test_block_rows_collate_as_dicts(tiny_model_dir, prepared, tasks):
     """The stream's row handles, drawn from several blocks in an interleaved order (as the mixer
-    hands them out), collate to exactly the batch their dicts give; a handle reads as its dict."""
+    hands them out), collate to exactly the batch their dicts give, the first time and again (text
+    blocks keep their token views and labels); a handle reads as its dict."""
     import pyarrow.parquet as pq
 
     builder = load_builder(str(tiny_model_dir))
-    blocks = [tokenize_table(pq.read_table(prepared / task).slice(1, 6), str(tiny_model_dir))
-              for task in ("text_pair", "ocr", "vqa_multi")]
+    blocks = [tokenize_table(pq.read_table(prepared / task).slice(1, 6), str(tiny_model_dir)) for task in tasks]
     handles = [row_handles(b.slice(1)) for b in blocks]  # sliced: offsets that do not start at 0
     dicts = [table_rows(b.slice(1)) for b in blocks]
     order = [(b, i) for i in range(5) for b in (2, 0, 1)][::-1]
     batch_h = [handles[b][i] for b, i in order]
     batch_d = [dicts[b][i] for b, i in order]
-    assert_same_batch(collate_pairs(batch_h, builder), collate_pairs(batch_d, builder))
-    assert collate_pairs(batch_h, builder)["query"]["image_grid_thw"].shape[0] == 10
+    want = collate_pairs(batch_d, builder)
+    assert_same_batch(collate_pairs(batch_h, builder), want)
+    assert_same_batch(collate_pairs(batch_h, builder), want)  # the blocks' views and labels, made by the first
+    assert_same_batch(collate_pairs(batch_h[:7] + batch_d[7:], builder), want)  # handles and dicts mixed
+    images = want["query"]["image_grid_thw"].shape[0] if "image_grid_thw" in want["query"] else 0
+    assert images == (10 if "ocr" in tasks else 0)
     row = batch_h[0]
-    assert row.keys() == batch_d[0].keys() and row.get("task") == "ocr" and row.get("missing", 7) == 7
+    assert row.keys() == batch_d[0].keys() and row.get("task") == tasks[1] and row.get("missing", 7) == 7
     assert all(np.array_equal(row[k], v) if isinstance(v, np.ndarray) else row[k] == v for k, v in batch_d[0].items())
 
 

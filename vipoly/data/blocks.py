@@ -93,6 +93,7 @@ class EncodedBlock:
         self.has_images = {side: _any_values(table, f"{side}_image_grid_thw") for side in SIDES}
         self.views: dict[str, list[np.ndarray]] = {}  # side → its input_ids view per row (`token_views`)
         self._task_index: list[int] | None = None
+        self._labels: list[tuple] | None = None
 
     @property
     def task_index(self) -> list[int]:
@@ -101,10 +102,21 @@ class EncodedBlock:
             self._task_index = [TASK_INDEX[str(t)] for t in self.task]
         return self._task_index
 
-    def token_views(self, side: str) -> list[np.ndarray]:
-        """Every row's input_ids of one side as numpy views, made once per block (the rows of a
-        window are all used, sooner or later): a view per row in one loop costs a fraction of
-        slicing row by row in the collate."""
+    @property
+    def labels(self) -> list[tuple[int, float, int, str, str]]:
+        """Each row's (task index, score, p_key, lang, id), made once per block: a batch's labels
+        are then one tuple per row (`vipoly.data.collate.pair_labels`), not five reads."""
+        if self._labels is None:
+            self._labels = list(zip(self.task_index, self.score.tolist(), self.p_key.tolist(), self.lang, self.id))
+        return self._labels
+
+    def token_views(self, side: str) -> list[np.ndarray] | None:
+        """Every row's input_ids of one side as numpy views, made once per block and kept in
+        `views` (the rows of a window are all used, sooner or later): a view per row in one loop
+        costs a fraction of slicing row by row in the collate. None where the side has images (its
+        rows need their pixels too), so `views` holds text-only sides alone."""
+        if self.has_images[side]:
+            return None
         views = self.views.get(side)
         if views is None:
             col = self.lists[f"{side}_input_ids"]

@@ -44,13 +44,14 @@ def pair_labels(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     float32 with NaN = no score, pos_key (B,) long, lang and id lists."""
     if not rows:
         raise ValueError("collate_pairs: no rows")
-    if all(type(r) is BlockRow for r in rows):  # straight from the blocks' columns (str lists)
+    if all(type(r) is BlockRow for r in rows):  # straight from the blocks: a tuple per row
+        tasks, scores, keys, lang, ids = zip(*[r.block.labels[r.i] for r in rows])
         return {
-            "task_ids": torch.tensor([r.block.task_index[r.i] for r in rows], dtype=torch.int64),
-            "scores": torch.from_numpy(np.array([r.block.score[r.i] for r in rows], dtype=np.float32)),
-            "pos_key": torch.from_numpy(np.array([r.block.p_key[r.i] for r in rows], dtype=np.int64)),
-            "lang": [r.block.lang[r.i] for r in rows],
-            "id": [r.block.id[r.i] for r in rows],
+            "task_ids": torch.tensor(tasks, dtype=torch.int64),
+            "scores": torch.from_numpy(np.array(scores, dtype=np.float32)),
+            "pos_key": torch.from_numpy(np.array(keys, dtype=np.int64)),
+            "lang": list(lang),
+            "id": list(ids),
         }
     tasks, lang, ids = [r["task"] for r in rows], [r["lang"] for r in rows], [r["id"] for r in rows]
     scores = [math.nan if r.get("score") is None else r["score"] for r in rows]
@@ -72,19 +73,18 @@ def _text_ids(rows: list[Mapping[str, Any]], names: tuple[str, ...]) -> list[np.
     """input_ids of sides `names` of every row, in that order, straight from the blocks' offsets,
     when every row is a `BlockRow` and none of these sides has an image (all `pad` needs then;
     the views cost a third of whole side dicts); else None."""
+    try:  # every block's views already made (all but a block's first batch): no call per block
+        return [r.block.views[name][r.i] for name in names for r in rows]
+    except (AttributeError, KeyError):  # a dict row, a side with images, or a block seen first
+        pass
     blocks = {}
     for r in rows:
         if type(r) is not BlockRow:
             return None
         blocks[id(r.block)] = r.block
-    if any(b.has_images[name] for b in blocks.values() for name in names):
+    if any(b.token_views(name) is None for b in blocks.values() for name in names):
         return None
-    ids = []
-    for name in names:
-        for b in blocks.values():
-            b.token_views(name)
-        ids += [r.block.views[name][r.i] for r in rows]
-    return ids
+    return [r.block.views[name][r.i] for name in names for r in rows]
 
 
 def pad_sides(rows: list[Mapping[str, Any]], builder, names: tuple[str, ...] = tuple(SIDES),

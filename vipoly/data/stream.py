@@ -93,7 +93,7 @@ class _Chunk:
 
     def __init__(self, state: dict[str, Any], size: int):
         self.state = state
-        self.ready: list[BlockRow | None] = [None] * size
+        self.ready: list[BlockRow | None] = [None] * size  # (`_select_group` hands each chunk its slice)
         self.bad: list[tuple[int, int, int, int, str, str]] = []
         self.raw: list[tuple[int, pa.Table, np.ndarray, np.ndarray, list]] = []
         self.pending: list[tuple[int, Any, list[int], list]] = []
@@ -158,6 +158,7 @@ class PlannedStream:
         per, base = len(self.positions), self.positions.start
         picks, states = self.plan.advance_many(self.selection, self.positions, self._group)
         chunks = [_Chunk(state, per) for state in states]
+        ready: list[BlockRow | None] = [None] * (len(chunks) * per)  # by slot, cut into the chunks at the end
         source, lane, js = (x.reshape(-1) for x in picks)  # slot = chunk · per + position − base
         key = source * self.plan.partitions + lane
         order = np.argsort(key, kind="stable")  # by (source, lane); within one, slots and js ascend
@@ -167,7 +168,7 @@ class PlannedStream:
             for which, rows, at, raw in parts:
                 if not raw:
                     for slot, i in zip(slots[which].tolist(), at.tolist()):
-                        chunks[slot // per].ready[slot % per] = BlockRow(rows, i)
+                        ready[slot] = BlockRow(rows, i)
                     continue
                 chunk_of = slots[which] // per
                 for c in np.unique(chunk_of):  # rows with images: kept raw, per chunk
@@ -177,6 +178,8 @@ class PlannedStream:
             for k, row in bad:
                 slot = int(slots[k])
                 chunks[slot // per].bad.append((s, p, int(js[slot]), base + slot % per, row.id, row.reason))
+        for c, chunk in enumerate(chunks):
+            chunk.ready = ready[c * per:(c + 1) * per]
         return chunks
 
     def _submit_raw(self, chunk: _Chunk) -> None:
