@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     from vipoly.data.shards import task_sources
     from vipoly.data.synthetic import write_synthetic
     from vipoly.model.tiny import build_tiny
+    from vipoly.ray_init import quiet_ray_data
 
     tmp = Path(tempfile.mkdtemp(prefix="vipoly-bench-data-"))
     # Ray starts its workers at nice 15; on a machine shared with other jobs they then get a small
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _temp_dir=str(tmp / "ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()  # each read's execution plan goes to the session's log, not between the numbers
     print(f"machine: {cpus} of {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; ray {ray.__version__}")
 
     t = time.perf_counter()
