@@ -321,12 +321,12 @@ class Plan:
             raise ValueError(f"advance_many: k must be at least 1, not {k}")
         C, L, S = self.chunk, self.partitions, len(self.names)
         picks, taken = np.empty((k, C), dtype=np.int64), dict(state.taken)
-        counts = np.empty((k, S), dtype=np.int64)  # picks of each source in each chunk
+        drawn = []  # the scheduler's state after each chunk
         for c in range(k):
             picks[c] = self._picks(sum(taken.values()), taken)
-            counts[c] = np.bincount(picks[c], minlength=S)
-            for i, name in enumerate(self.names):
-                taken[name] += int(counts[c, i])
+            for name, n in zip(self.names, np.bincount(picks[c], minlength=S).tolist()):
+                taken[name] += n
+            drawn.append(dict(taken))
         # Each chunk is its picks' multiset in a seeded order of its own (the same on every worker).
         keys = np.array([_key(self.seed, q, 2) for q in range(state.chunk, state.chunk + k)], dtype=np.uint64)
         perm = np.argsort(_mix(np.arange(C, dtype=np.uint64)[None, :] ^ keys[:, None]), axis=1, kind="stable")
@@ -338,11 +338,10 @@ class Plan:
         before[order] = ranked  # earlier samples on the same (source, lane), this group's chunks in order
         fronts = np.array([state.front[n] for n in self.names], dtype=np.int64).reshape(-1)
         j = (fronts[lane_keys] + before).reshape(k, C)
-        per_chunk = np.zeros((k, S * L), dtype=np.int64)
-        np.add.at(per_chunk, (np.repeat(np.arange(k), C), lane_keys), 1)
+        chunk_keys = np.repeat(np.arange(k), C) * (S * L) + lane_keys  # (chunk, source, lane) of each sample
+        per_chunk = np.bincount(chunk_keys, minlength=k * S * L).reshape(k, S * L)
         after = (fronts[None, :] + np.cumsum(per_chunk, axis=0)).tolist()  # the fronts after each chunk
-        drawn = (np.array([state.taken[n] for n in self.names], dtype=np.int64) + np.cumsum(counts, axis=0)).tolist()
-        states = [{"chunk": state.chunk + c + 1, "taken": dict(zip(self.names, drawn[c])),
+        states = [{"chunk": state.chunk + c + 1, "taken": drawn[c],
                    "front": {n: after[c][i * L:(i + 1) * L] for i, n in enumerate(self.names)}, "back": {}}
                   for c in range(k)]
         state.chunk += k

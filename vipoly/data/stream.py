@@ -91,9 +91,9 @@ class _Chunk:
     - `raw`: rows with images (source, raw table, rows, positions, [(lane, j)]) until submitted,
       then `pending` (source, ObjectRef or raw table, positions, [(lane, j)])."""
 
-    def __init__(self, state: dict[str, Any], size: int):
+    def __init__(self, state: dict[str, Any]):
         self.state = state
-        self.ready: list[BlockRow | None] = [None] * size  # (`_select_group` hands each chunk its slice)
+        self.ready: list[BlockRow | None] = []  # its slice of the group's rows, set by `_select_group`
         self.bad: list[tuple[int, int, int, int, str, str]] = []
         self.raw: list[tuple[int, pa.Table, np.ndarray, np.ndarray, list]] = []
         self.pending: list[tuple[int, Any, list[int], list]] = []
@@ -157,7 +157,7 @@ class PlannedStream:
         """The next GROUP_SAMPLES samples' worth of chunks, selected at once (see GROUP_SAMPLES)."""
         per, base = len(self.positions), self.positions.start
         picks, states = self.plan.advance_many(self.selection, self.positions, self._group)
-        chunks = [_Chunk(state, per) for state in states]
+        chunks = [_Chunk(state) for state in states]
         ready: list[BlockRow | None] = [None] * (len(chunks) * per)  # by slot, cut into the chunks at the end
         source, lane, js = (x.reshape(-1) for x in picks)  # slot = chunk · per + position − base
         key = source * self.plan.partitions + lane
