@@ -117,10 +117,20 @@ def test_resume_gives_the_same_run(tmp_path, ray_session, straight, paused, data
             assert rb[f"weight/{t}"] == pytest.approx(ra[f"weight/{t}"], abs=1e-5)
 
 
-def test_killed_worker_is_replaced(tmp_path, ray_session, straight, data_root, init_model):
-    run = tmp_path / "faulty"
-    assert train(run, data_root, init_model, "debug.fail_at_step=4", "debug.fail_rank=1",
-                 "train.checkpoint.max_failures=1") == 0
+@pytest.fixture(scope="module")
+def gradcache_killed(tmp_path_factory, ray_session, data_root, init_model) -> Path:
+    """One run on 2 workers for two checks against the straight run that do not touch each other:
+    GradCache (train.gradcache_chunk=4: each worker's 10 rows in chunks of 4, 4 and 2, negatives
+    gathered from both) and a worker killed after step 4 (rank 1; Ray Train restarts the group
+    from the step-3 checkpoint). One fit instead of two (issue 15: one trainer per group of checks)."""
+    run = tmp_path_factory.mktemp("runs") / "gradcache_killed"
+    assert train(run, data_root, init_model, "train.gradcache_chunk=4", "debug.fail_at_step=4",
+                 "debug.fail_rank=1", "train.checkpoint.max_failures=1") == 0
+    return run
+
+
+def test_killed_worker_is_replaced(gradcache_killed, straight):
+    run = gradcache_killed
     assert (run / ".fault-injected-4").exists()
     rows = steps(run)
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -128,20 +138,17 @@ def test_killed_worker_is_replaced(tmp_path, ray_session, straight, data_root, i
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
 
 
-def test_deepspeed_zero3_trains_resumes_and_equals_ddp(tmp_path, ray_session, straight, data_root, init_model,
-                                                     capfd):
-    check_deepspeed_run(tmp_path, "deepspeed_zero3", straight, data_root, init_model, capfd)
-
-
-def test_gradcache_gives_the_same_steps(tmp_path, ray_session, straight, data_root, init_model):
-    """train.gradcache_chunk=4 on 2 workers (each worker's 10 rows in chunks of 4, 4 and 2;
-    negatives gathered from both): the same samples and the same losses as the plain run's."""
-    run = tmp_path / "gradcache"
-    assert train(run, data_root, init_model, "train.gradcache_chunk=4") == 0
-    for ra, rb in zip(steps(straight), steps(run), strict=True):
+def test_gradcache_gives_the_same_steps(gradcache_killed, straight):
+    """GradCache: the same samples and the same losses and gradient norms as the plain run's."""
+    for ra, rb in zip(steps(straight), steps(gradcache_killed), strict=True):
         assert ra["data_digest"] == rb["data_digest"], ra["step"]
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4), ra["step"]
+
+
+def test_deepspeed_zero3_trains_resumes_and_equals_ddp(tmp_path, ray_session, straight, data_root, init_model,
+                                                     capfd):
+    check_deepspeed_run(tmp_path, "deepspeed_zero3", straight, data_root, init_model, capfd)
 
 
 @pytest.fixture(scope="module")
