@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import socket
 import warnings
 
 import pytest
@@ -50,8 +49,10 @@ def _data(n: int, seed: int):
     return x, y, ids, scores, weights
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+def _worker(rank: int, out_path: str) -> None:
+    # Rendezvous through a file, not a TCP port picked beforehand: between picking a free port and
+    # binding it, another process of the suite (the other xdist worker's Ray or gloo) once took it.
+    dist.init_process_group("gloo", init_method=f"file://{out_path}.store", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     for seed, (name, sizes, cfg_kw, dims, legacy) in enumerate(CASES):
@@ -92,16 +93,10 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_gathered_loss_and_ddp_gradients_equal_single_process(tmp_path):
     out = tmp_path / "result"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         results = torch.load(f"{out}.{rank}")
         assert set(results) == {c[0] for c in CASES}
