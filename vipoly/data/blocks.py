@@ -92,22 +92,15 @@ class EncodedBlock:
         self.lists = _ListColumns(table)
         self.has_images = {side: _any_values(table, f"{side}_image_grid_thw") for side in SIDES}
         self.views: dict[str, list[np.ndarray]] = {}  # side → its input_ids view per row (`token_views`)
-        self._task_index: list[int] | None = None
         self._labels: list[tuple] | None = None
 
     @property
-    def task_index(self) -> list[int]:
-        """Each row's task as its index in TASKS (what a batch's task_ids hold)."""
-        if self._task_index is None:
-            self._task_index = [TASK_INDEX[str(t)] for t in self.task]
-        return self._task_index
-
-    @property
     def labels(self) -> list[tuple[int, float, int, str, str]]:
-        """Each row's (task index, score, p_key, lang, id), made once per block: a batch's labels
-        are then one tuple per row (`vipoly.data.collate.pair_labels`), not five reads."""
+        """Each row's (task index in TASKS, score, p_key, lang, id), made once per block: a batch's
+        labels are then one tuple per row (`vipoly.data.collate.pair_labels`), not five reads."""
         if self._labels is None:
-            self._labels = list(zip(self.task_index, self.score.tolist(), self.p_key.tolist(), self.lang, self.id))
+            tasks = [TASK_INDEX[str(t)] for t in self.task]
+            self._labels = list(zip(tasks, self.score.tolist(), self.p_key.tolist(), self.lang, self.id))
         return self._labels
 
     def token_views(self, side: str) -> list[np.ndarray] | None:
