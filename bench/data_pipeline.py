@@ -61,6 +61,17 @@ def raw_read(files: dict[str, list[str]], blocks: bool = False) -> tuple[int, fl
     return n, time.perf_counter() - t0, first or 0.0
 
 
+def write_mix(root: Path, mix: dict[str, float], n: int, rows_per_file: int) -> None:
+    """Synthetic shards under root/<task>, each task holding its share of n / PASS rows (the stream
+    draws PASS of one pass, so it and the raw read read about the same rows)."""
+    from vipoly.data.synthetic import write_synthetic
+
+    for task, share in mix.items():
+        parts = root.parent / f"{root.name}-parts" / task
+        write_synthetic(parts, n=math.ceil(n / PASS * share), seed=0, tasks=(task,), rows_per_file=rows_per_file)
+        shutil.move(str(parts / task), str(root / task))
+
+
 def stream_rate(data, model_dir, n: int, batch: int, collate, encoded: bool = False) -> tuple[int, float, float]:
     """(samples, seconds in all, seconds to the first batch) of one worker's training stream over
     `data` (global batch = `batch`), after a short pass that starts the Ray workers it needs and
@@ -192,7 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     from vipoly.data.collate import PairCollate
     from vipoly.data.mix import RatioScheduler, measure_ratio
     from vipoly.data.shards import task_sources
-    from vipoly.data.synthetic import write_synthetic
     from vipoly.model.tiny import build_tiny
     from vipoly.ray_init import quiet_ray_data
 
@@ -213,10 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     # Each source holds its share of the mix of rows and the stream draws PASS of one pass: both
     # paths read (about) the same rows, and no lane of the stream wraps around into a second pass.
     for kind, mix, n, per_file in (("text", text_mix, args.n_text, 16384), ("image", image_mix, args.n_image, 512)):
-        for task, share in mix.items():
-            write_synthetic(tmp / "parts" / task, n=math.ceil(n / PASS * share), seed=0, tasks=(task,),
-                            rows_per_file=per_file)
-            shutil.move(str(tmp / "parts" / task / task), str(tmp / kind / task))
+        write_mix(tmp / kind, mix, n, per_file)
     model_dir = build_tiny(tmp / "tiny", seed=0)
     print(f"setup (synthetic shards + tiny model): {time.perf_counter() - t:.1f} s")
     collate = PairCollate(model_dir)

@@ -22,7 +22,6 @@ the ratios to the Arrow-block read of the same run, then their medians.
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -137,7 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     from vipoly.data.collate import PairCollate, load_builder
     from vipoly.data.config import DataConfig
     from vipoly.data.shards import task_sources
-    from vipoly.data.synthetic import write_synthetic
     from vipoly.model.tiny import build_tiny
     from vipoly.ray_init import quiet_ray_data
 
@@ -150,13 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     quiet_ray_data()
     print(f"machine: {cpus} of {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; "
           f"ray {ray.__version__}; {args.producers} producers")
-    mix = {"text_pair": 0.9, "instr": 0.1}
-    for task, share in mix.items():  # as bench/data_pipeline.py's text mix
-        write_synthetic(tmp / "parts" / task, n=math.ceil(args.n / dp.PASS * share), seed=0, tasks=(task,),
-                        rows_per_file=16384)
-        shutil.move(str(tmp / "parts" / task / task), str(tmp / "text" / task))
-    model_dir = build_tiny(tmp / "tiny", seed=0)
+    mix = {"text_pair": 0.9, "instr": 0.1}  # bench/data_pipeline.py's text mix and shards
     root = tmp / "text"
+    dp.write_mix(root, mix, args.n, 16384)
+    model_dir = build_tiny(tmp / "tiny", seed=0)
     files = task_sources(root)
     dp.pre_encode(files, model_dir, root / "_encoded")
     data = DataConfig(root=str(root), mix=mix, shuffle_buffer=256)
