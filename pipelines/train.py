@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = latest_step(run_dir)
     if done:
-        print(f"resumed from step {done}", flush=True)
+        print(f"resuming from step {done}, {run_dir.name}'s latest checkpoint", flush=True)  # the workers say when they have
     init_ray(cfg.run.ray_address, dashboard=True, verbose=cfg.run.verbose)
     warn_unplaceable(cfg)
     result = build_trainer(cfg, run_dir, plan).fit()  # ray

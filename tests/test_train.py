@@ -104,7 +104,7 @@ def test_resume_gives_the_same_run(tmp_path, ray_session, straight, paused, data
     run = resumable_copy(paused, tmp_path / "split")
     capfd.readouterr()
     assert train(run, data_root, init_model, wandb="offline") == 0
-    assert "resumed from step 3" in capfd.readouterr().out
+    assert "resuming from step 3" in capfd.readouterr().out
     # wandb resumed the paused run's record (same id) instead of starting another.
     records = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(records) == 2 and len({name.rsplit("-", 1)[1] for name in records}) == 1, records
@@ -200,6 +200,27 @@ def test_hard_negatives_are_gathered_candidates(frozen_with_negatives, straight)
     assert all(r["loss"] == r["loss"] for r in rows) and rows[0]["loss"] != plain[0]["loss"]
 
 
+def test_a_resumed_ddp_run_reads_only_the_checkpoints_weights(paused):
+    """On resume a DDP run builds its model from the checkpoint's model/ alone: model.backbone is
+    not read (here it names no folder), so a worker never holds two copies of the model."""
+    import torch
+
+    from vipoly.config import load_config
+    from vipoly.model import PolyEmbedder
+    from vipoly.train.engine import build_model, saved_model
+
+    cfg, ckpt = load_config(paused / "config.yaml"), paused / "checkpoint-0000003"
+    assert saved_model(cfg, ckpt) == ckpt / "model"
+    assert saved_model(cfg, None) is None
+    assert saved_model(cfg.model_copy(update={"train": cfg.train.model_copy(update={"strategy": "deepspeed_zero2"})}),
+                       ckpt) is None  # ZeRO's own shards hold its weights
+    cfg.model.backbone = str(paused / "no-such-backbone")
+    model = build_model(cfg, torch.device("cpu"), saved_model(cfg, ckpt))
+    want = PolyEmbedder.from_pretrained(ckpt / "model").state_dict()
+    got = model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 # ---------------------------------------------------------------- the global order at the reference run's shape
 def test_one_worker_trains_on_the_same_samples_as_two(tmp_path, ray_session, straight, data_root, init_model):
     """The same global batch G on 1 worker as on 2: the same samples at every step (data_digest)
@@ -216,7 +237,7 @@ def test_paused_on_two_workers_resumes_on_one(tmp_path, ray_session, straight, p
     capfd.readouterr()
     assert train(run, data_root, init_model, "train.num_workers=1") == 0  # G = 20 kept from plan.json
     out = capfd.readouterr().out
-    assert "resumed from step 3" in out and "1 worker(s) × 1 × 20" in out
+    assert "resuming from step 3" in out and "1 worker(s) × 1 × 20" in out
     assert [r["data_digest"] for r in steps(run)] == [r["data_digest"] for r in steps(straight)]
     assert train(run, data_root, init_model, "train.num_workers=3", "train.max_steps=8") == 2
     err = capfd.readouterr().err

@@ -72,7 +72,7 @@ def test_lora_trains_resumes_exactly_and_exports_merged(tmp_path, ray_session, d
     assert train(split, data_root, init_model, *sets, "train.stop_after=2") == 0
     capfd.readouterr()
     assert train(split, data_root, init_model, *sets) == 0
-    assert "resumed from step 2" in capfd.readouterr().out
+    assert "resuming from step 2" in capfd.readouterr().out
     a, b = steps(straight), steps(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):

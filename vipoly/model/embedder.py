@@ -315,11 +315,13 @@ class PolyEmbedder(nn.Module):
 
     # ------------------------------------------------------------ build / save / load
     @classmethod
-    def build(cls, model_cfg: ModelConfig) -> "PolyEmbedder":
+    def build(cls, model_cfg: ModelConfig, weights_from: str | Path | None = None) -> "PolyEmbedder":
         """A PolyEmbedder dir in `model_cfg.backbone` → `from_pretrained` (with `model_cfg`'s explicitly
-        set fields applied); else a Qwen2-VL checkpoint (hub id or folder) with fresh heads."""
-        if is_polyembedder_dir(model_cfg.backbone):
-            model = cls.from_pretrained(model_cfg.backbone, model_cfg)
+        set fields applied); else a Qwen2-VL checkpoint (hub id or folder) with fresh heads.
+        `weights_from`: a PolyEmbedder folder of this same model (a checkpoint's `model/`), loaded
+        instead of `model_cfg.backbone`: the modules `model_cfg` describes, with its weights."""
+        if weights_from is not None or is_polyembedder_dir(model_cfg.backbone):
+            model = cls.from_pretrained(weights_from or model_cfg.backbone, model_cfg)
         else:
             processor = load_processor(model_cfg.backbone)
             backbone = load_backbone(model_cfg.backbone, model_cfg.attn_implementation, model_cfg.dtype)

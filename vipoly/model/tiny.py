@@ -105,8 +105,10 @@ def train_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build, save and return `out_dir`, loadable with `PolyEmbedder.from_pretrained(out_dir)`."""
+def build_tiny(out_dir: str | Path, seed: int = 0, text: dict | None = None, vision: dict | None = None) -> Path:
+    """Build, save and return `out_dir`, loadable with `PolyEmbedder.from_pretrained(out_dir)`.
+    `text`, `vision`: fields of the text and vision configs to set over TEXT and VISION (a larger
+    model of the same architecture, for benchmarks)."""
     tokenizer = train_tokenizer(corpus())
     processor = ImageTextProcessor(
         image_processor=ImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
@@ -115,9 +117,9 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer)
     ids = dict(zip(SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
     config = Qwen2VLConfig(
-        text_config=dict(TEXT, vocab_size=len(tokenizer) + len(TASKS), bos_token_id=None,
+        text_config=dict(TEXT, **(text or {}), vocab_size=len(tokenizer) + len(TASKS), bos_token_id=None,
                          eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_config=dict(VISION, **(vision or {})), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG is left as it was
         torch.manual_seed(seed)

@@ -100,7 +100,10 @@ class DDPEngine:
                        ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
-        from vipoly.model import PolyEmbedder
+        """The checkpoint's optimizer and schedule, and its trainable weights where it holds those
+        alone (a LoRA run's). A whole saved model (`model/`) is not read here: the model was built
+        from it (`saved_model`, `build_model`)."""
+        from vipoly.folder import is_polyembedder_dir
 
         if (ckpt_dir / TRAINABLE_FILE).is_file():
             saved = load_file(str(ckpt_dir / TRAINABLE_FILE))
@@ -109,9 +112,9 @@ class DDPEngine:
             if missing or unexpected:
                 raise ValueError(f"{ckpt_dir / TRAINABLE_FILE} does not fit this model (model.lora or "
                                  f"model.freeze changed?): missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
-        else:
-            src = PolyEmbedder.from_pretrained(ckpt_dir / "model")
-            self.module.load_state_dict(src.state_dict())
+        elif not is_polyembedder_dir(ckpt_dir / "model"):
+            raise ValueError(f"checkpoint {ckpt_dir} holds neither {TRAINABLE_FILE} nor a model/ folder: not a "
+                             f"checkpoint of a train.strategy=ddp run")
         opt = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -139,15 +142,27 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
     }
 
 
-def build_model(cfg: Config, device: torch.device):
-    """The PolyEmbedder to train. Under ZeRO-3 transformers loads the backbone straight into
+def saved_model(cfg: Config, ckpt_dir: Path | None) -> Path | None:
+    """The checkpoint's whole model (`model/`, what a DDP run without LoRA saves), else None."""
+    from vipoly.folder import is_polyembedder_dir
+
+    if ckpt_dir is None or cfg.train.strategy != Strategy.DDP or not is_polyembedder_dir(ckpt_dir / "model"):
+        return None
+    return ckpt_dir / "model"
+
+
+def build_model(cfg: Config, device: torch.device, weights_from: Path | None = None):
+    """The PolyEmbedder to train. `weights_from`: a DDP checkpoint's `model/` (`saved_model`) to
+    resume from, loaded in place of `model.backbone`: building from the backbone and then loading
+    the checkpoint over it read the weights twice and held two copies of the model at once (the
+    2B's ≈ 9 GB of float32 per worker). Under ZeRO-3 transformers loads the backbone straight into
     partitions (its zero.Init path, switched on by an HfDeepSpeedConfig it holds a weak reference
     to): no rank ever holds the whole backbone. The heads are small; deepspeed.initialize
     partitions them."""
     from vipoly.model import PolyEmbedder
 
     if cfg.train.strategy != Strategy.ZERO3:
-        return PolyEmbedder.build(cfg.model)
+        return PolyEmbedder.build(cfg.model, weights_from)
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     ds_cfg = deepspeed_config(cfg, device)
@@ -239,7 +254,7 @@ class DeepSpeedEngine(DDPEngine):
         self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
 
     def load(self, ckpt_dir: Path) -> None:
-        self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
+        self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")  # ZeRO's shards hold the weights
 
     def export(self, out_dir: Path, rank: int) -> None:
         if self.cfg.train.strategy != Strategy.ZERO3:

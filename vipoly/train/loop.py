@@ -24,7 +24,7 @@ from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
 from vipoly.losses.gather import candidates, is_distributed, masked_pairs
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
-from vipoly.train.engine import build_engine, build_model
+from vipoly.train.engine import build_engine, build_model, saved_model
 from vipoly.train.gradcache import CachedBatch
 from vipoly.train.launch import Evaluator
 from vipoly.train.monitor import (Console, MetricsLog, Volatility, Wandb, pooling_entropy, quiet_worker_logs, say,
@@ -253,7 +253,8 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
         quiet_worker_logs(cfg.run.verbose, ctx.rank)
     run_dir, tcfg = Path(cfg.run.dir), cfg.train
     seed_everything(tcfg.seed)  # same seed on every rank: identical fresh heads
-    model = build_model(cfg, ctx.device)  # also turns on gradient checkpointing when configured
+    ckpt_dir = ctx.checkpoint_dir()  # Ray Train's latest, when this run resumes
+    model = build_model(cfg, ctx.device, saved_model(cfg, ckpt_dir))  # also turns on gradient checkpointing
     if tcfg.compile:
         model.compile_layers()  # in place: parameter names, hence checkpoints, stay the same
     stream = stream_factory(rank=ctx.rank, world=ctx.world)
@@ -263,7 +264,7 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     engine = build_engine(model, cfg, total, ctx.device)
     initial_proj = engine.full_weights("projection.")  # for projection_drift (a checkpoint's own replaces it)
     weighter = TaskWeighter(cfg.stw)
-    state, saved_proj = resume(ctx, engine, weighter, stream, cfg.train.seed)
+    state, saved_proj = resume(ctx, ckpt_dir, engine, weighter, stream, cfg.train.seed)
     initial_proj = saved_proj if saved_proj is not None else initial_proj
     start, stop = state.step, None
     monitor = Monitor(cfg, run_dir, total, state, counts) if ctx.rank == 0 else None
@@ -314,11 +315,12 @@ def report_evaluation(ctx: Context, engine, evaluate: Evaluator, step: int, run_
     ctx.report({"step": step, "final": final, **metrics})  # every rank reports; Ray Train passes on rank 0's
 
 
-def resume(ctx: Context, engine, weighter: TaskWeighter, stream, seed: int) -> tuple[LoopState, dict | None]:
-    """The loop's state from Ray Train's checkpoint (a fresh one without), with the engine, STW,
-    data position and this rank's RNG restored; also the projection's weights at step 0 when saved."""
+def resume(ctx: Context, ckpt_dir: Path | None, engine, weighter: TaskWeighter, stream,
+           seed: int) -> tuple[LoopState, dict | None]:
+    """The loop's state from Ray Train's checkpoint `ckpt_dir` (a fresh one without), with the
+    engine (`engine.load`), STW, data position and this rank's RNG restored; also the projection's
+    weights at step 0 when saved."""
     seed_everything(seed * 1000 + ctx.rank)  # per rank from here on (dropout, shuffles)
-    ckpt_dir = ctx.checkpoint_dir()
     if ckpt_dir is None:
         return LoopState(), None
     engine.load(ckpt_dir)
