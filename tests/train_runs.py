@@ -4,6 +4,7 @@ can each take one: test_train.py (the runs compared with the DDP reference run) 
 test_train_variants.py (the runs that stand on their own)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,17 @@ def optimizer_tensors(ckpt: Path) -> dict:
     return out
 
 
+def joined_partitions(ckpt: Path) -> dict:
+    """A ZeRO-2 checkpoint's optimizer tensors (fp32 weights, Adam's moments) per parameter group,
+    the ranks' partitions joined in rank order; the step counts as rank 0 holds them."""
+    import torch
+
+    tensors = optimizer_tensors(ckpt)
+    files = sorted({k.split("/", 1)[0] for k in tensors}, key=lambda f: int(f.split("zero_pp_rank_")[1].split("_")[0]))
+    return {key: t if t.ndim == 0 else torch.cat([tensors[f"{f}/{key}"] for f in files])
+            for key, t in ((k.split("/", 1)[1], v) for k, v in tensors.items() if k.startswith(files[0] + "/"))}
+
+
 def check_deepspeed_run(tmp_path: Path, strategy: str, straight: Path | None, data_root: Path, init_model: Path,
                         capfd) -> None:
     """ZeRO-2, ZeRO-3, or ZeRO-3 with LoRA adapters (merged at export from the gathered weights),
@@ -72,6 +84,8 @@ def check_deepspeed_run(tmp_path: Path, strategy: str, straight: Path | None, da
                  "train.global_batch_size=20")
     pause = 2 if accumulate else 3
     assert train(run, data_root, init_model, *sets, f"train.stop_after={pause}") == 0
+    if strategy == "deepspeed_zero2":  # the same pause, to resume on 1 worker below
+        shutil.copytree(run, tmp_path / "zero2_on_one")
     # ZeRO-2 resumes into a non-finite loss at step 3, checkpointing every step around it.
     resumed = ("debug.nan_at_steps=[3]", "train.checkpoint.every=1") if strategy == "deepspeed_zero2" else ()
     assert train(run, data_root, init_model, *sets, *resumed) == 0
@@ -93,6 +107,19 @@ def check_deepspeed_run(tmp_path: Path, strategy: str, straight: Path | None, da
         assert [k for k in before if not torch.equal(before[k], after[k])] == []
         weights = "zero_pp_rank_0_mp_rank_00_optim_states.pt/optimizer_state_dict/single_partition_of_fp32_groups/0"
         assert not torch.equal(after[weights], optimizer_tensors(run / "checkpoint-0000004")[weights])  # step 4 trained
+        # The reference config trains with ZeRO-2, and a preempted run may come back on fewer
+        # workers: the pause resumed on 1 worker (its 2 partitions converted for 1, `reshard`)
+        # trains on the same samples to the same losses as the resume on 2.
+        one = tmp_path / "zero2_on_one"
+        assert train(one, data_root, init_model, *sets, *resumed, "train.num_workers=1") == 0
+        assert not (one / ".resharded" / "checkpoint-0000002").exists()  # spent once step 3 was saved
+        for ra, rb in zip(rows, steps(one), strict=True):
+            assert rb["data_digest"] == ra["data_digest"], ra["step"]
+            assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
+        # Its optimizer after the skipped step 3 is the 2 workers' at step 2, partitions joined: the
+        # weights and both of Adam's moments came through the conversion bit for bit.
+        two, single = joined_partitions(run / "checkpoint-0000002"), joined_partitions(one / "checkpoint-0000003")
+        assert two.keys() == single.keys() and [k for k in two if not torch.equal(two[k], single[k])] == []
     elif not lora:
         # ZeRO-3 paused at 3 and resumed equals the DDP straight run: the same samples, losses,
         # gradient norms per component and projection drift.
@@ -102,6 +129,9 @@ def check_deepspeed_run(tmp_path: Path, strategy: str, straight: Path | None, da
             for key in ("grad_norm", "grad_norm/vision", "grad_norm/language", "grad_norm/pooling",
                         "grad_norm/projection", "projection_drift"):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-7), (ra["step"], key)
+        # A ZeRO-3 run resumes only on the workers that saved it: refused before any worker starts.
+        assert train(run, data_root, init_model, *sets, "train.num_workers=1") == 2
+        assert "holds the partitions of 2 workers" in capfd.readouterr().err
         # ... and its export, gathered module by module, holds the same weights.
         from vipoly.model import PolyEmbedder
 

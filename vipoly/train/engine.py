@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from vipoly.config import Config
 from vipoly.train.config import Strategy
+from vipoly.train.launch import zero_world
 from vipoly.losses.gather import is_distributed
 from vipoly.model.embedder import COMPONENTS, component_of
 from vipoly.train.monitor import grad_norms, say
@@ -179,16 +180,54 @@ def build_model(cfg: Config, device: torch.device, weights_from: Path | None = N
     return model
 
 
-class DeepSpeedEngine(DDPEngine):
-    """ZeRO-2/3 via deepspeed.initialize with our AdamW groups (differential LRs) and schedule."""
+def reshard(ckpt_dir: Path, run_dir: Path, rank: int, world: int) -> Path | None:
+    """A ZeRO checkpoint saved by another number of workers, as DeepSpeed's universal checkpoint
+    (each parameter's weights and Adam moments whole, which any number of workers loads): rank 0
+    converts it once into run.dir/.resharded/<checkpoint>/state, the others wait at a barrier.
+    None when this many workers saved it (it loads as it is). DeepSpeed itself refuses a
+    partitioned checkpoint from another world size. ZeRO-2 only: the driver refuses a ZeRO-3 run
+    on another number of workers (`vipoly.train.launch.keep_plan`)."""
+    saved = zero_world(ckpt_dir)
+    if saved in (0, world):
+        return None
+    import os
+    import shutil
+    import subprocess
+    import sys
 
-    def __init__(self, model, cfg: Config, total_steps: int, device: torch.device):
+    out = run_dir / ".resharded" / ckpt_dir.name / "state"
+    if rank == 0 and not out.is_dir():
+        say(f"{ckpt_dir.name} holds ZeRO partitions of {saved} workers: converting it for {world} "
+            f"(DeepSpeed's universal checkpoint, in {out})")
+        tmp = out.with_name("state.partial")  # renamed when whole: a conversion cut short is redone
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        # --inject_missing_state: the converter wants metadata only Megatron-style clients write
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                               "--input_folder", str(ckpt_dir / "deepspeed" / "state"), "--output_folder", str(tmp),
+                               "--inject_missing_state", "--num_extract_workers", str(min(8, os.cpu_count() or 1)),
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting {ckpt_dir} for {world} workers failed:\n{done.stderr[-3000:]}")
+        tmp.rename(out)
+    if is_distributed():
+        dist.barrier()
+    return out
+
+
+class DeepSpeedEngine(DDPEngine):
+    """ZeRO-2/3 via deepspeed.initialize with our AdamW groups (differential LRs) and schedule.
+    `universal`: the checkpoint to resume from, converted for this world size (`reshard`)."""
+
+    def __init__(self, model, cfg: Config, total_steps: int, device: torch.device, universal: Path | None = None):
         import deepspeed
 
-        self.cfg, self.accum, self.micro = cfg, cfg.train.grad_accum, 0
+        self.cfg, self.accum, self.micro, self.universal = cfg, cfg.train.grad_accum, 0, universal
         optimizer = build_optimizer(model, cfg.train.optimizer)
         scheduler = build_scheduler(optimizer, total_steps, cfg.train.optimizer)
         ds_cfg = deepspeed_config(cfg, device)
+        if universal is not None:
+            ds_cfg["checkpoint"] = {"load_universal": True}
         self.chunks = ds_cfg["gradient_accumulation_steps"] // cfg.train.grad_accum
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
@@ -254,7 +293,10 @@ class DeepSpeedEngine(DDPEngine):
         self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
 
     def load(self, ckpt_dir: Path) -> None:
-        self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")  # ZeRO's shards hold the weights
+        if self.universal is not None:  # saved by another number of workers (`reshard`)
+            self.model.load_checkpoint(str(self.universal.parent), tag=self.universal.name)
+        else:
+            self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")  # ZeRO's shards hold the weights
 
     def export(self, out_dir: Path, rank: int) -> None:
         if self.cfg.train.strategy != Strategy.ZERO3:
@@ -300,6 +342,8 @@ def _local_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
     return grad.narrow(0, address.start, address.numel) if grad.numel() == p.numel() != address.numel else grad
 
 
-def build_engine(model, cfg: Config, total_steps: int, device: torch.device) -> DDPEngine:
-    cls = DDPEngine if cfg.train.strategy == Strategy.DDP else DeepSpeedEngine
-    return cls(model, cfg, total_steps, device)
+def build_engine(model, cfg: Config, total_steps: int, device: torch.device, universal: Path | None = None) -> DDPEngine:
+    """`universal`: a ZeRO checkpoint converted for this world size (`reshard`), to resume from."""
+    if cfg.train.strategy == Strategy.DDP:
+        return DDPEngine(model, cfg, total_steps, device)
+    return DeepSpeedEngine(model, cfg, total_steps, device, universal)

@@ -156,6 +156,15 @@ def keep_plan(cfg: Config, run_dir: Path):
             raise ConfigError(f"train.num_workers={t.num_workers} cannot continue {run_dir}: its global order has "
                               f"{saved['partitions']} lanes (data.partitions) and contrastive batches of "
                               f"{saved['chunk']}; allowed: {allowed}")
+        ckpt = latest_checkpoint(run_dir)
+        zero = zero_world(ckpt) if ckpt is not None else 0
+        if t.strategy == Strategy.ZERO3 and zero and t.num_workers != zero:
+            # DeepSpeed's universal checkpoint carries ZeRO-2 partitions to another world size
+            # exactly (vipoly.train.engine.reshard); for ZeRO-3 it restored the weights but the
+            # next steps differed from the run that stayed on its workers.
+            raise ConfigError(f"train.num_workers={t.num_workers} cannot continue {run_dir}: its ZeRO-3 "
+                              f"checkpoint {ckpt.name} holds the partitions of {zero} workers, and a ZeRO-3 run "
+                              f"resumes only on as many (ZeRO-2 and DDP runs resume on any of {allowed})")
         t.batch_size = G // (t.num_workers * t.grad_accum)
         t.global_batch_size = G
     plan = check_config(cfg)
@@ -202,8 +211,19 @@ def warn_unplaceable(cfg: Config) -> None:
               f"the strategy.", file=sys.stderr, flush=True)
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """An earlier run's newest complete checkpoint in `run_dir` (None: none). Ray Train restores
+    that same checkpoint: it is the latest one reported."""
+    found = [p.parent for p in run_dir.glob("checkpoint-*/state.pt")]
+    return max(found, key=lambda d: int(d.name.split("-")[1]), default=None)
+
+
 def latest_step(run_dir: Path) -> int:
-    """Steps already done by an earlier run in `run_dir` (its newest complete checkpoint), 0 if none.
-    Ray Train restores that same checkpoint: it is the latest one reported."""
-    names = [p.parent.name for p in run_dir.glob("checkpoint-*/state.pt")]
-    return max((int(n.split("-")[1]) for n in names), default=0)
+    """Steps already done by an earlier run in `run_dir`, 0 if none."""
+    ckpt = latest_checkpoint(run_dir)
+    return int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+
+
+def zero_world(ckpt_dir: Path) -> int:
+    """How many workers saved a ZeRO checkpoint (one optimizer partition each; 0: not one)."""
+    return len(list((ckpt_dir / "deepspeed" / "state").glob("*zero_pp_rank_*_optim_states.pt")))

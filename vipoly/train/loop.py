@@ -9,6 +9,7 @@ apply the same λ. Ray-specific lines are marked `# ray`.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -24,7 +25,7 @@ from vipoly.losses import DLEStats, global_dle_loss, reduce_stats
 from vipoly.losses.gather import candidates, is_distributed, masked_pairs
 from vipoly.stw import TaskWeighter
 from vipoly.tasks import TASKS
-from vipoly.train.engine import build_engine, build_model, saved_model
+from vipoly.train.engine import build_engine, build_model, reshard, saved_model
 from vipoly.train.gradcache import CachedBatch
 from vipoly.train.launch import Evaluator
 from vipoly.train.monitor import (Console, MetricsLog, Volatility, Wandb, pooling_entropy, quiet_worker_logs, say,
@@ -261,7 +262,9 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
     total = steps or stream.total_steps(tcfg)
     steps_per_epoch = tcfg.steps_per_epoch or max(1, stream.steps_per_epoch(tcfg))
     counts = model.parameter_counts()  # before ZeRO-3 partitions them; the run's first row carries them
-    engine = build_engine(model, cfg, total, ctx.device)
+    # a ZeRO checkpoint of another number of workers is converted before DeepSpeed starts
+    universal = reshard(ckpt_dir, run_dir, ctx.rank, ctx.world) if ckpt_dir is not None else None
+    engine = build_engine(model, cfg, total, ctx.device, universal)
     initial_proj = engine.full_weights("projection.")  # for projection_drift (a checkpoint's own replaces it)
     weighter = TaskWeighter(cfg.stw)
     state, saved_proj = resume(ctx, ckpt_dir, engine, weighter, stream, cfg.train.seed)
@@ -294,6 +297,9 @@ def run_training(cfg: Config, stream_factory, use_ray: bool = True, steps: int |
             last = state.step == total or stop is not None  # finish() writes the report after the export
             _checkpoint(ctx, engine, weighter, stream, state.step, epoch, state.extra(), initial_proj, strategic,
                         run_dir, report=not last)
+            if universal is not None and ctx.rank == 0:  # this world's own checkpoint replaces the conversion
+                shutil.rmtree(universal.parent, ignore_errors=True)
+            universal = None
         if stop:
             break
         if evaluating:
