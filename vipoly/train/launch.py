@@ -160,8 +160,10 @@ def keep_plan(cfg: Config, run_dir: Path):
         zero = zero_world(ckpt) if ckpt is not None else 0
         if t.strategy == Strategy.ZERO3 and zero and t.num_workers != zero:
             # DeepSpeed's universal checkpoint carries ZeRO-2 partitions to another world size
-            # exactly (vipoly.train.engine.reshard); for ZeRO-3 it restored the weights but the
-            # next steps differed from the run that stayed on its workers.
+            # exactly (vipoly.train.engine.reshard). For ZeRO-3 it restored the weights, but
+            # DeepSpeed 0.19's stage-3 load gives every parameter group the first group's lr and
+            # weight decay, and with that put right the steps still drifted (1e-4 in the loss a step
+            # after the resume, 0.02 two steps after) from the run that stayed on its workers.
             raise ConfigError(f"train.num_workers={t.num_workers} cannot continue {run_dir}: its ZeRO-3 "
                               f"checkpoint {ckpt.name} holds the partitions of {zero} workers, and a ZeRO-3 run "
                               f"resumes only on as many (ZeRO-2 and DDP runs resume on any of {allowed})")
