@@ -185,7 +185,13 @@ def describe(plan, cfg: Config) -> str:
     return (f"plan: {plan.num_rows:,} rows in {len(plan.sources)} source(s); {plan.global_batch} samples a step "
             f"({t.num_workers} worker(s) × {t.grad_accum} × {t.batch_size}); "
             f"{t.steps_per_epoch or plan.steps_per_epoch():,} steps an epoch, {steps:,} in all; "
-            f"resumable on {plan.allowed_workers()} workers")
+            f"resumable on {resumable_on(plan, cfg)} workers")
+
+
+def resumable_on(plan, cfg: Config) -> list[int]:
+    """The numbers of workers a checkpoint of this run resumes on: those that own whole lanes, and
+    for ZeRO-3 only the run's own (its partitions do not carry to another; see `keep_plan`)."""
+    return [cfg.train.num_workers] if cfg.train.strategy == Strategy.ZERO3 else plan.allowed_workers()
 
 
 def warn_unplaceable(cfg: Config) -> None:
