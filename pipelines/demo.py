@@ -111,9 +111,9 @@ def summary(out: Path, texts: list[str], seconds: float) -> str:
     emb = np.stack(table.column("embedding").to_pylist())
     lines += ["", f"embedded {len(table)} inputs → {out / 'embeddings'} (dim {emb.shape[1]})",
               f"evaluation: {out / 'eval.md'}; training report: {out / 'report.md'}", "",
-              (out / "eval.md").read_text() if (out / "eval.md").exists() else "",
               "Note: this tiny model is random-initialised and trained for a minute on CPU. It shows the",
-              "pipeline's mechanics, not retrieval quality: compare its rows with the BM25 rows above.",
+              "pipeline's mechanics, not retrieval quality: compare its rows with the BM25 rows of the",
+              "evaluation (step 3/5, and eval.md).",
               "Real quality needs the pretrained backbone: configs/qwen2vl-2b.yaml on GPUs.",
               f"demo finished in {seconds:.0f} s"]
     return "\n".join(lines)

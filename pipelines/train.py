@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         init = run_dir / "init-model"
         if not is_polyembedder_dir(init):
-            build_tiny(init, seed=cfg.train.seed)
+            build_tiny(init, seed=cfg.train.seed, heads=cfg.model)
         cfg.model.backbone = str(init)
     from vipoly.model.inputs import effective_model_config, write_inputs
 

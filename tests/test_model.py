@@ -6,6 +6,7 @@ import io
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,25 @@ def test_build_from_a_polyembedder_dir_applies_only_explicit_fields(tiny_model_d
     assert ablation.cfg.max_length == 64 and ablation.cfg.projection.out_dim == 32
     # The projection config is unchanged, so its trained weights are kept.
     assert torch.equal(ablation.projection.w1.weight, tiny_model.projection.w1.weight)
+
+
+def test_a_runs_tiny_model_has_the_runs_heads(tmp_path, caplog):
+    """`model.backbone: tiny` builds the initial model with the run's pooling and projection, so
+    the run loads its heads (the demo printed "config differs … starting fresh projection weights"
+    on every run, since configs/tiny-cpu.yaml sets out_dim 64 and the tiny model had 32)."""
+    import logging
+
+    from vipoly.config import load_config
+    from vipoly.model.tiny import build_tiny
+
+    run = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml").model
+    build_tiny(tmp_path, heads=run)
+    saved = json.loads((tmp_path / "vipoly.json").read_text())["model"]
+    assert saved["projection"]["out_dim"] == run.projection.out_dim == 64
+    assert saved["pooling"] == run.pooling.model_dump(mode="json")
+    with caplog.at_level(logging.INFO, logger="vipoly"):
+        model = PolyEmbedder.build(run.model_copy(update={"backbone": str(tmp_path)}))
+    assert "config differs" not in caplog.text and model.cfg.projection.out_dim == 64
 
 
 def test_build_from_a_plain_qwen2vl_folder(plain_qwen_dir, tmp_path):
@@ -245,7 +265,19 @@ def test_truncated_image_bytes_are_rejected():
 
 # ---------------------------------------------------------------- inputs
 def test_input_builder_layout_and_truncation(tiny_model, tiny_model_dir):
+    import logging
+
     builder = InputBuilder.from_pretrained(tiny_model_dir)
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # it does not propagate to pytest's capture
+    try:
+        assert len(builder.encode_one("xin chào " * 400)["input_ids"]) == builder.cfg.max_length
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    # longer than the tokenizer's limit, and cut here: its "indexing errors" warning would be false
+    assert not [m for m in said if "Token indices" in m]
     row = builder.encode_one(TEXTS[3] * 20, IMAGES[2], "ocr")
     assert set(row) == {"input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
     assert all(isinstance(v, np.ndarray) for v in row.values())

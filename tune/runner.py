@@ -99,7 +99,7 @@ def build_inits(cfg: Config, root: Path, seeds) -> dict[int, str]:
     for seed in sorted(set(seeds)):
         d = root / "init-models" / f"seed-{seed}"
         if not is_polyembedder_dir(d):
-            build_tiny(d, seed=seed)
+            build_tiny(d, seed=seed, heads=cfg.model)
         out[seed] = str(d)
     return out
 

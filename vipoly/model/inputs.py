@@ -164,7 +164,9 @@ class InputBuilder:
         return cls(load_processor(model_dir), ModelConfig.model_validate(read_meta(model_dir)["model"]))
 
     def _tokenize(self, text: str) -> list[int]:
-        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: the tokenizer warns of "indexing errors" for a text longer than its
+        # model_max_length, but `encode_one` cuts the ids to max_length right after.
+        return self.processor.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode_one(self, text: str | None = None, image: Any = None, task: str | None = None) -> dict[str, np.ndarray]:
         """One input as numpy: `input_ids` (N,) int64, `mm_token_type_ids` (N,) int32 (1 on image

@@ -105,10 +105,12 @@ def train_tokenizer(sentences: list[str]) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0, text: dict | None = None, vision: dict | None = None) -> Path:
+def build_tiny(out_dir: str | Path, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+               heads: ModelConfig | None = None) -> Path:
     """Build, save and return `out_dir`, loadable with `PolyEmbedder.from_pretrained(out_dir)`.
     `text`, `vision`: fields of the text and vision configs to set over TEXT and VISION (a larger
-    model of the same architecture, for benchmarks)."""
+    model of the same architecture, for benchmarks). `heads`: a run's model config, whose pooling
+    and projection the saved heads take (so that the run loads them rather than starting fresh)."""
     tokenizer = train_tokenizer(corpus())
     processor = ImageTextProcessor(
         image_processor=ImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
@@ -125,7 +127,9 @@ def build_tiny(out_dir: str | Path, seed: int = 0, text: dict | None = None, vis
         torch.manual_seed(seed)
         backbone = Qwen2VLModel._from_config(config, attn_implementation="sdpa")
         add_task_tokens(backbone, processor, [prefix(t).strip() for t in TASKS])
-        model = PolyEmbedder(backbone, processor, MODEL, name="vipoly-tiny")
+        cfg = MODEL if heads is None else MODEL.model_copy(update={"pooling": heads.pooling,
+                                                                   "projection": heads.projection})
+        model = PolyEmbedder(backbone, processor, cfg, name="vipoly-tiny")
     return model.save_pretrained(out_dir)
 
 
