@@ -215,6 +215,16 @@ def reshard(ckpt_dir: Path, run_dir: Path, rank: int, world: int) -> Path | None
     return out
 
 
+class _Without:
+    """A logging filter that drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 class DeepSpeedEngine(DDPEngine):
     """ZeRO-2/3 via deepspeed.initialize with our AdamW groups (differential LRs) and schedule.
     `universal`: the checkpoint to resume from, converted for this world size (`reshard`)."""
@@ -294,7 +304,16 @@ class DeepSpeedEngine(DDPEngine):
 
     def load(self, ckpt_dir: Path) -> None:
         if self.universal is not None:  # saved by another number of workers (`reshard`)
-            self.model.load_checkpoint(str(self.universal.parent), tag=self.universal.name)
+            from deepspeed.utils import logger
+
+            # DeepSpeed warns "MPU is not provided, setting tp size to 1" on every universal load:
+            # true of every vipoly run (no tensor parallelism), and nothing for a user to act on.
+            quiet = _Without("MPU is not provided")
+            logger.addFilter(quiet)
+            try:
+                self.model.load_checkpoint(str(self.universal.parent), tag=self.universal.name)
+            finally:
+                logger.removeFilter(quiet)
         else:
             self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")  # ZeRO's shards hold the weights
 
