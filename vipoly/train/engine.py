@@ -194,22 +194,33 @@ def reshard(ckpt_dir: Path, run_dir: Path, rank: int, world: int) -> Path | None
     import shutil
     import subprocess
     import sys
+    import tempfile
+    import time
 
     out = run_dir / ".resharded" / ckpt_dir.name / "state"
     if rank == 0 and not out.is_dir():
         say(f"{ckpt_dir.name} holds ZeRO partitions of {saved} workers: converting it for {world} "
-            f"(DeepSpeed's universal checkpoint, in {out})")
+            f"(DeepSpeed's universal checkpoint, in {out}; minutes for a 2B model: docs/scale.md)")
         tmp = out.with_name("state.partial")  # renamed when whole: a conversion cut short is redone
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
         # --inject_missing_state: the converter wants metadata only Megatron-style clients write
-        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                               "--input_folder", str(ckpt_dir / "deepspeed" / "state"), "--output_folder", str(tmp),
-                               "--inject_missing_state", "--num_extract_workers", str(min(8, os.cpu_count() or 1)),
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"converting {ckpt_dir} for {world} workers failed:\n{done.stderr[-3000:]}")
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(ckpt_dir / "deepspeed" / "state"), "--output_folder", str(tmp),
+               "--inject_missing_state", "--num_extract_workers", str(min(8, os.cpu_count() or 1)),
+               "--num_merge_workers", "1"]
+        with tempfile.TemporaryFile(mode="w+") as err:  # its progress bars: read only if it fails
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
+                for line in proc.stdout:  # its stages ("*** 1. Extracting ZeRO fragments", …) as they start
+                    stage = line.strip("* \n.")
+                    if line.startswith("***") and stage != "Done!":
+                        say(f"  {stage} ({time.monotonic() - start:.0f} s)")
+            if proc.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"converting {ckpt_dir} for {world} workers failed:\n{err.read()[-3000:]}")
         tmp.rename(out)
+        say(f"converted {ckpt_dir.name} in {time.monotonic() - start:.0f} s")
     if is_distributed():
         dist.barrier()
     return out
