@@ -63,6 +63,24 @@ def joined_partitions(ckpt: Path) -> dict:
             for key, t in ((k.split("/", 1)[1], v) for k, v in tensors.items() if k.startswith(files[0] + "/"))}
 
 
+def check_conversion(ckpt: Path, tmp_path: Path, capfd) -> None:
+    """The conversion that a ZeRO-2 resume on another number of workers runs first (rank 0, here
+    in this process): its stages and its time on the console; a damaged checkpoint fails naming it."""
+    from vipoly.train.engine import reshard
+
+    capfd.readouterr()
+    out = reshard(ckpt, tmp_path / "converted", rank=0, world=1)
+    said = capfd.readouterr().out
+    assert out == tmp_path / "converted" / ".resharded" / ckpt.name / "state" and out.is_dir()
+    assert "1. Extracting ZeRO fragments (" in said and f"converted {ckpt.name} in " in said
+    damaged = tmp_path / "damaged" / ckpt.name
+    shutil.copytree(ckpt / "deepspeed", damaged / "deepspeed")
+    next((damaged / "deepspeed" / "state").glob("*zero_pp_rank_0_*optim_states.pt")).write_bytes(b"")
+    with pytest.raises(RuntimeError, match=f"converting {damaged} for 1 workers failed"):
+        reshard(damaged, tmp_path / "damaged", rank=0, world=1)
+    assert not (tmp_path / "damaged" / ".resharded" / ckpt.name / "state").exists()  # nothing half-made is used
+
+
 def check_deepspeed_run(tmp_path: Path, strategy: str, straight: Path | None, data_root: Path, init_model: Path,
                         capfd) -> None:
     """ZeRO-2, ZeRO-3, or ZeRO-3 with LoRA adapters (merged at export from the gathered weights),
@@ -86,6 +104,7 @@ def check_deepspeed_run(tmp_path: Path, strategy: str, straight: Path | None, da
     assert train(run, data_root, init_model, *sets, f"train.stop_after={pause}") == 0
     if strategy == "deepspeed_zero2":  # the same pause, to resume on 1 worker below
         shutil.copytree(run, tmp_path / "zero2_on_one")
+        check_conversion(run / "checkpoint-0000002", tmp_path, capfd)
     # ZeRO-2 resumes into a non-finite loss at step 3, checkpointing every step around it.
     resumed = ("debug.nan_at_steps=[3]", "train.checkpoint.every=1") if strategy == "deepspeed_zero2" else ()
     assert train(run, data_root, init_model, *sets, *resumed) == 0
