@@ -226,14 +226,9 @@ def reshard(ckpt_dir: Path, run_dir: Path, rank: int, world: int) -> Path | None
     return out
 
 
-class _Without:
-    """A logging filter that drops the records whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+def _not_mpu_notice(record) -> bool:
+    """A logging filter (a callable serves): drops DeepSpeed's "MPU is not provided" record."""
+    return not record.getMessage().startswith("MPU is not provided")
 
 
 class DeepSpeedEngine(DDPEngine):
@@ -319,12 +314,11 @@ class DeepSpeedEngine(DDPEngine):
 
             # DeepSpeed warns "MPU is not provided, setting tp size to 1" on every universal load:
             # true of every vipoly run (no tensor parallelism), and nothing for a user to act on.
-            quiet = _Without("MPU is not provided")
-            logger.addFilter(quiet)
+            logger.addFilter(_not_mpu_notice)
             try:
                 self.model.load_checkpoint(str(self.universal.parent), tag=self.universal.name)
             finally:
-                logger.removeFilter(quiet)
+                logger.removeFilter(_not_mpu_notice)
         else:
             self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")  # ZeRO's shards hold the weights
 
